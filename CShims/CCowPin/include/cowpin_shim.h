@@ -1,0 +1,189 @@
+/*
+ * cowpin's C shim: thin, typed wrappers over the syscalls cowpin needs, and
+ * every line of code that runs in a child process after fork().
+ *
+ * Conventions: functions return 0 (or a non-negative count) on success and
+ * -errno on failure. Nothing here allocates except cp_ring_open().
+ */
+#ifndef COWPIN_SHIM_H
+#define COWPIN_SHIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- memory ------------------------------------------------------------ */
+
+/* mmap(NULL, len, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|extra_flags).
+ * Returns NULL and sets *err (positive errno) on failure. */
+void *cp_mmap_anon(size_t len, int shared, int extra_flags, int *err);
+/* mmap of a file descriptor; NULL and *err on failure. */
+void *cp_mmap_fd(size_t len, int prot, int shared, int fd, int64_t offset, int *err);
+int cp_munmap(void *addr, size_t len);
+int cp_mprotect(void *addr, size_t len, int prot);
+int cp_madvise(void *addr, size_t len, int advice);
+
+enum {
+    CP_PROT_NONE = 0,
+    CP_PROT_READ = 1,
+    CP_PROT_READ_WRITE = 3,
+};
+
+/* madvise() advice values; some are newer than the C library's headers. */
+enum {
+    CP_MADV_DONTFORK = 10,
+    CP_MADV_DOFORK = 11,
+    CP_MADV_MERGEABLE = 12,
+    CP_MADV_HUGEPAGE = 14,
+    CP_MADV_NOHUGEPAGE = 15,
+    CP_MADV_WIPEONFORK = 18,
+    CP_MADV_PAGEOUT = 21,
+    CP_MADV_POPULATE_WRITE = 23,
+    CP_MADV_COLLAPSE = 25,
+};
+
+/* Fill [addr, addr+len) with cowpin's position-dependent pattern for seed. */
+void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset);
+/* Byte `offset` of the pattern for seed (what cp_fill_pattern writes there). */
+uint8_t cp_pattern_byte(uint32_t seed, size_t offset);
+
+/* A byte range where two buffers differ. */
+struct cp_range {
+    uint64_t offset;
+    uint64_t length;
+};
+/* Ranges where a and b differ; differing runs closer than `gap` bytes are
+ * merged. Writes at most max ranges, returns the total number found. */
+size_t cp_diff_ranges(const void *a, const void *b, size_t len, size_t gap,
+                      struct cp_range *out, size_t max);
+/* 1 when every byte of buf equals byte. */
+int cp_all_equal(const void *buf, size_t len, uint8_t byte);
+/* 1 when buf matches cowpin's pattern for seed at base_offset. */
+int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_offset);
+
+/* ---- file descriptors -------------------------------------------------- */
+
+int cp_pipe(int fds[2]);                  /* O_CLOEXEC */
+int cp_set_pipe_size(int fd, int size);   /* returns the new size */
+int cp_memfd(const char *name);           /* MFD_CLOEXEC */
+int cp_close(int fd);
+/* Write one byte; 0 or -errno. */
+int cp_signal(int fd);
+/* Wait at most timeout_ms for one byte. 0, -ETIMEDOUT, -EPIPE (writer gone). */
+int cp_await(int fd, int timeout_ms);
+/* Read exactly len bytes, each wait bounded by timeout_ms. Returns the number
+ * read (less than len at end of file) or -errno / -ETIMEDOUT. */
+ssize_t cp_read_full(int fd, void *buf, size_t len, int timeout_ms);
+ssize_t cp_pread_full(int fd, void *buf, size_t len, int64_t offset);
+ssize_t cp_pwrite_full(int fd, const void *buf, size_t len, int64_t offset);
+/* vmsplice(fd, {addr,len}, 1, 0): bytes transferred or -errno. */
+ssize_t cp_vmsplice(int fd, void *addr, size_t len);
+
+/* ---- children ------------------------------------------------------------
+ * A child runs a small program of operations, written by the parent before
+ * fork(). The interpreter is async-signal-safe: no malloc, no locks, no
+ * stdio, only syscalls. Each operation's result goes to the status block,
+ * which the parent places in MAP_SHARED memory.
+ */
+enum cp_op_kind {
+    CP_OP_END = 0,
+    CP_OP_SIGNAL,      /* write a byte to fd */
+    CP_OP_AWAIT,       /* wait (bounded by arg ms) for a byte on fd */
+    CP_OP_FILL,        /* memset(addr, arg, len) */
+    CP_OP_COPY,        /* memcpy(addr2, addr, len) */
+    CP_OP_MUNMAP,      /* munmap(addr, len) */
+    CP_OP_MPROTECT,    /* mprotect(addr, len, arg) */
+    CP_OP_MADVISE,     /* madvise(addr, len, arg) */
+    CP_OP_VMSPLICE,    /* vmsplice(fd, {addr, len}); result = bytes */
+    CP_OP_READ,        /* read len bytes of fd into addr2, bounded by arg ms; result = bytes */
+    CP_OP_EXIT,        /* _exit(arg) */
+};
+
+struct cp_op {
+    uint32_t kind;
+    int32_t fd;
+    void *addr;
+    void *addr2;
+    uint64_t len;
+    int64_t arg;
+};
+
+#define CP_MAX_OPS 32
+
+struct cp_child_status {
+    int32_t done;          /* number of operations completed */
+    int32_t failed_op;     /* index of the failed operation, -1 if none */
+    int32_t failed_errno;
+    int32_t reserved;
+    int64_t result[CP_MAX_OPS];
+};
+
+/* Child exit codes (other than an explicit CP_OP_EXIT). */
+enum {
+    CP_CHILD_OK = 0,
+    CP_CHILD_OP_FAILED = 101,
+    CP_CHILD_BAD_PROGRAM = 102,
+};
+
+/* fork(); the child runs ops[0..n) and exits. Returns the child's pid and a
+ * pidfd (for bounded waits) or -errno. */
+int cp_spawn(const struct cp_op *ops, size_t n, struct cp_child_status *status,
+             pid_t *pid_out, int *pidfd_out);
+/* Wait at most timeout_ms for the child to exit, then reap it. On timeout the
+ * child is killed with SIGKILL, reaped, and -ETIMEDOUT is returned.
+ * *wstatus gets the waitpid() status. */
+int cp_reap(pid_t pid, int pidfd, int timeout_ms, int *wstatus);
+/* SIGKILL and reap (bounded); for cleanup paths. */
+void cp_kill_reap(pid_t pid, int pidfd);
+
+int cp_wifexited(int wstatus);
+int cp_wexitstatus(int wstatus);
+int cp_wifsignaled(int wstatus);
+int cp_wtermsig(int wstatus);
+
+/* ---- io_uring ------------------------------------------------------------ */
+
+struct cp_ring;
+int cp_ring_open(struct cp_ring **out, unsigned entries);
+void cp_ring_close(struct cp_ring *ring);
+int cp_ring_register_buffer(struct cp_ring *ring, void *addr, size_t len);
+int cp_ring_unregister_buffers(struct cp_ring *ring);
+
+enum cp_ring_opcode {
+    CP_RING_READ = 0,        /* IORING_OP_READ */
+    CP_RING_WRITE = 1,       /* IORING_OP_WRITE */
+    CP_RING_READ_FIXED = 2,  /* IORING_OP_READ_FIXED, buffer index 0 */
+    CP_RING_WRITE_FIXED = 3, /* IORING_OP_WRITE_FIXED, buffer index 0 */
+};
+/* Queue and submit one request; its completion carries user_data. */
+int cp_ring_submit(struct cp_ring *ring, int opcode, int fd, void *addr,
+                   size_t len, int64_t offset, uint64_t user_data);
+/* Wait at most timeout_ms for a completion: 0 with *user_data and *res, or
+ * -ETIMEDOUT / -errno. */
+int cp_ring_wait(struct cp_ring *ring, int timeout_ms, uint64_t *user_data, int32_t *res);
+
+/* ---- gup_test (CONFIG_GUP_TEST, debugfs) ----------------------------------- */
+
+int cp_gup_test_open(const char *path);
+/* PIN_LONGTERM_TEST_START: pin [addr, addr+len), R/O unless write. */
+int cp_gup_pin_longterm_start(int fd, void *addr, size_t len, int write, int fast);
+/* PIN_LONGTERM_TEST_READ: copy what the pinned pages hold into dst. */
+int cp_gup_pin_longterm_read(int fd, void *dst);
+int cp_gup_pin_longterm_stop(int fd);
+
+/* ---- misc ---------------------------------------------------------------- */
+
+long cp_page_size(void);
+/* Human readable errno text into buf (strerror_r). */
+const char *cp_strerror(int err, char *buf, size_t len);
+int cp_getrlimit_memlock(uint64_t *soft, uint64_t *hard);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* COWPIN_SHIM_H */

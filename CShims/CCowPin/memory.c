@@ -1,0 +1,259 @@
+/* Memory, buffers and file descriptors. */
+#include "cowpin_shim.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+void *cp_mmap_anon(size_t len, int shared, int extra_flags, int *err)
+{
+    int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS | extra_flags;
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (p == MAP_FAILED) {
+        *err = errno;
+        return NULL;
+    }
+    return p;
+}
+
+void *cp_mmap_fd(size_t len, int prot, int shared, int fd, int64_t offset, int *err)
+{
+    void *p = mmap(NULL, len, prot, shared ? MAP_SHARED : MAP_PRIVATE, fd, (off_t)offset);
+    if (p == MAP_FAILED) {
+        *err = errno;
+        return NULL;
+    }
+    return p;
+}
+
+int cp_munmap(void *addr, size_t len) { return munmap(addr, len) ? -errno : 0; }
+int cp_mprotect(void *addr, size_t len, int prot) { return mprotect(addr, len, prot) ? -errno : 0; }
+int cp_madvise(void *addr, size_t len, int advice) { return madvise(addr, len, advice) ? -errno : 0; }
+
+/* One 64-bit word of the pattern: a mix of the seed and the word's index. */
+static uint64_t pattern_word(uint32_t seed, uint64_t word_index)
+{
+    uint64_t x = word_index * 0x9E3779B97F4A7C15ull ^ (((uint64_t)seed << 32) | seed);
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    return x;
+}
+
+uint8_t cp_pattern_byte(uint32_t seed, size_t offset)
+{
+    return (uint8_t)(pattern_word(seed, offset >> 3) >> ((offset & 7) * 8));
+}
+
+void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset)
+{
+    uint8_t *p = addr;
+    size_t i = 0;
+    while (i < len && ((base_offset + i) & 7))
+        p[i] = cp_pattern_byte(seed, base_offset + i), i++;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w = pattern_word(seed, (base_offset + i) >> 3);
+        memcpy(p + i, &w, 8);
+    }
+    for (; i < len; i++)
+        p[i] = cp_pattern_byte(seed, base_offset + i);
+}
+
+int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_offset)
+{
+    const uint8_t *p = buf;
+    for (size_t i = 0; i < len; i++)
+        if (p[i] != cp_pattern_byte(seed, base_offset + i))
+            return 0;
+    return 1;
+}
+
+int cp_all_equal(const void *buf, size_t len, uint8_t byte)
+{
+    const uint8_t *p = buf;
+    for (size_t i = 0; i < len; i++)
+        if (p[i] != byte)
+            return 0;
+    return 1;
+}
+
+size_t cp_diff_ranges(const void *a, const void *b, size_t len, size_t gap,
+                      struct cp_range *out, size_t max)
+{
+    const uint8_t *x = a, *y = b;
+    size_t found = 0, i = 0;
+    while (i < len) {
+        /* Skip equal 8-byte words quickly, then equal bytes. */
+        if (!(i & 7) && i + 8 <= len && !memcmp(x + i, y + i, 8)) {
+            i += 8;
+            continue;
+        }
+        if (x[i] == y[i]) {
+            i++;
+            continue;
+        }
+        /* [start, end) differs; extend while the next difference is within gap. */
+        size_t start = i, end = i + 1;
+        for (size_t j = end; j < len && j - end <= gap; j++)
+            if (x[j] != y[j])
+                end = j + 1;
+        if (found < max) {
+            out[found].offset = start;
+            out[found].length = end - start;
+        }
+        found++;
+        i = end;
+    }
+    return found;
+}
+
+int cp_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC) ? -errno : 0; }
+
+int cp_set_pipe_size(int fd, int size)
+{
+    int r = fcntl(fd, F_SETPIPE_SZ, size);
+    return r < 0 ? -errno : r;
+}
+
+int cp_memfd(const char *name)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int cp_close(int fd) { return close(fd) ? -errno : 0; }
+
+int cp_signal(int fd)
+{
+    char c = 'x';
+    for (;;) {
+        ssize_t r = write(fd, &c, 1);
+        if (r == 1)
+            return 0;
+        if (r < 0 && errno == EINTR)
+            continue;
+        return r < 0 ? -errno : -EIO;
+    }
+}
+
+/* poll() for POLLIN, at most timeout_ms in total, retrying on EINTR. */
+static int wait_readable(int fd, int timeout_ms)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+        long left = timeout_ms - elapsed;
+        if (left < 0)
+            left = 0;
+        int r = poll(&p, 1, (int)left);
+        if (r > 0)
+            return 0;
+        if (r == 0)
+            return -ETIMEDOUT;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+int cp_await(int fd, int timeout_ms)
+{
+    int r = wait_readable(fd, timeout_ms);
+    if (r)
+        return r;
+    char c;
+    for (;;) {
+        ssize_t n = read(fd, &c, 1);
+        if (n == 1)
+            return 0;
+        if (n == 0)
+            return -EPIPE;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+ssize_t cp_read_full(int fd, void *buf, size_t len, int timeout_ms)
+{
+    size_t done = 0;
+    while (done < len) {
+        int w = wait_readable(fd, timeout_ms);
+        if (w)
+            return w;
+        ssize_t n = read(fd, (char *)buf + done, len - done);
+        if (n == 0)
+            break;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        done += (size_t)n;
+    }
+    return (ssize_t)done;
+}
+
+ssize_t cp_pread_full(int fd, void *buf, size_t len, int64_t offset)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(offset + (int64_t)done));
+        if (n == 0)
+            break;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        done += (size_t)n;
+    }
+    return (ssize_t)done;
+}
+
+ssize_t cp_pwrite_full(int fd, const void *buf, size_t len, int64_t offset)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(offset + (int64_t)done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        done += (size_t)n;
+    }
+    return (ssize_t)done;
+}
+
+ssize_t cp_vmsplice(int fd, void *addr, size_t len)
+{
+    struct iovec iov = {.iov_base = addr, .iov_len = len};
+    ssize_t r = vmsplice(fd, &iov, 1, 0);
+    return r < 0 ? -errno : r;
+}
+
+long cp_page_size(void) { return sysconf(_SC_PAGESIZE); }
+
+const char *cp_strerror(int err, char *buf, size_t len)
+{
+    /* GNU strerror_r may return a static string instead of filling buf. */
+    return strerror_r(err, buf, len);
+}
+
+int cp_getrlimit_memlock(uint64_t *soft, uint64_t *hard)
+{
+    struct rlimit r;
+    if (getrlimit(RLIMIT_MEMLOCK, &r))
+        return -errno;
+    *soft = r.rlim_cur;
+    *hard = r.rlim_max;
+    return 0;
+}

@@ -1,0 +1,49 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "cowpin",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "cowpin", targets: ["cowpin"]),
+        .library(name: "CowPin", targets: ["CowPin"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // liburing, found through pkg-config (Debian/Ubuntu: liburing-dev).
+        .systemLibrary(
+            name: "CLiburing",
+            path: "CShims/CLiburing",
+            pkgConfig: "liburing",
+            providers: [.apt(["liburing-dev"])]
+        ),
+        // Thin, typed C over the syscalls, and every line that runs in a child after fork().
+        .target(
+            name: "CCowPin",
+            dependencies: ["CLiburing"],
+            path: "CShims/CCowPin",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        .target(
+            name: "CowPin",
+            dependencies: ["CCowPin"],
+            path: "Sources/CowPin"
+        ),
+        .executableTarget(
+            name: "cowpin",
+            dependencies: [
+                "CowPin",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Sources/cowpin"
+        ),
+        .testTarget(
+            name: "CowPinTests",
+            dependencies: ["CowPin", "CCowPin"],
+            path: "Tests/CowPinTests"
+        ),
+    ],
+    swiftLanguageModes: [.v5]
+)

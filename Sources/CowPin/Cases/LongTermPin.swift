@@ -1,0 +1,126 @@
+import CCowPin
+
+/// Long-term pins (a driver's DMA buffer) under fork(), mprotect() and writes.
+/// The events mirror kselftest mm/cow.c's R/O-pin and io_uring checks; each
+/// runs with every pin method that fits it (R/O events need an R/O pin).
+public enum LongTermPinCases {
+    static let staleMeaning = "the pinned page is no longer the page the process maps: a device reads stale data and its DMA writes are lost to the process"
+
+    public static func scenarios(for pin: PinMethod) -> [Scenario] {
+        func scenario(_ event: String, _ summary: String, _ steps: [String], tags: [String],
+                      _ body: @escaping @Sendable (CaseContext, Region) throws -> Void) -> Scenario {
+            Scenario(
+                id: "\(pin.id)/\(event)", summary: "\(pin.summary): \(summary)", steps: steps,
+                tags: [pin.id, "longterm-pin", pin.readOnly ? "ro-pin" : "rw-pin"] + tags,
+                requires: { pin.unavailable($0) },
+                body: { ctx in try body(ctx, ctx.region) })
+        }
+        var list = [
+            scenario("exclusive-write", "pin an exclusive page, then write it",
+                     ["pin the region", "the parent writes 0xff over it", "read through the pin: must show the write"],
+                     tags: []) { ctx, region in
+                let p = try pin.pin(region, in: ctx)
+                ctx.parentWrites()
+                ctx.notePages("after the write")
+                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+            },
+            scenario("fork-parent-writes", "pin, fork() with the child alive, the parent writes",
+                     ["pin the region", "fork(); the child stays alive", "the parent writes 0xff",
+                      "read through the pin: must show the parent's write", "the child's view must still hold the original content"],
+                     tags: ["fork"]) { ctx, region in
+                let p = try pin.pin(region, in: ctx)
+                ctx.notePages("after pin, before fork")
+                let report = try ctx.sharedBuffer()
+                let child = try ctx.fork { c in
+                    c.checkpoint()
+                    c.report(region, into: report)
+                }
+                try child.awaitCheckpoint()
+                ctx.parentWrites()
+                ctx.notePages("after the parent's write")
+                ctx.notePages("after the parent's write", child: child)
+                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+                try child.resume()
+                try child.finish()
+                ctx.expect("child mapping", holds: ctx.original, seen: report.bytes,
+                           meaning: "the parent's write reached the child: the child maps the parent's pinned page")
+            },
+            scenario("fork-child-writes", "pin, fork(), the child writes",
+                     ["pin the region", "fork(); the child writes 0xcc over its view",
+                      "read through the pin: must still hold the original content", "the parent's mapping must too"],
+                     tags: ["fork", "leak"]) { ctx, region in
+                let p = try pin.pin(region, in: ctx)
+                let child = try ctx.fork { c in
+                    c.write(0xCC, to: region)
+                    c.checkpoint()
+                }
+                try child.awaitCheckpoint()
+                ctx.notePages("after the child's write")
+                ctx.notePages("after the child's write", child: child)
+                ctx.expect(p.view, holds: ctx.original, seen: try p.read(),
+                           meaning: "the child's write reached the pinned page: data leaks from the child to the device")
+                ctx.expectParent(holds: ctx.original, meaning: "the child's write reached the parent's mapping")
+                try child.resume()
+                try child.finish()
+            },
+            scenario("pin-shared-parent-writes", "fork() first, pin the page while COW-shared, the parent writes",
+                     ["fork(); the child stays alive", "pin the region in the parent while it is COW-shared",
+                      "the parent writes 0xff", "read through the pin: must show the write",
+                      "the child's view must hold the original content"],
+                     tags: ["fork"]) { ctx, region in
+                let report = try ctx.sharedBuffer()
+                let child = try ctx.fork { c in
+                    c.checkpoint()
+                    c.report(region, into: report)
+                }
+                try child.awaitCheckpoint()
+                ctx.notePages("shared, before pin")
+                let p = try pin.pin(region, in: ctx)
+                ctx.notePages("after pin")
+                ctx.parentWrites()
+                ctx.notePages("after the parent's write")
+                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+                try child.resume()
+                try child.finish()
+                ctx.expect("child mapping", holds: ctx.original, seen: report.bytes,
+                           meaning: "the pin or the parent's write reached the child's page")
+            },
+            scenario("pin-previously-shared", "fork() and let the child exit, then pin and write",
+                     ["fork(); the child exits at once", "pin the previously shared page",
+                      "the parent writes 0xff", "read through the pin: must show the write"],
+                     tags: ["fork"]) { ctx, region in
+                let child = try ctx.fork { _ in }
+                try child.finish()
+                let p = try pin.pin(region, in: ctx)
+                ctx.parentWrites()
+                ctx.notePages("after the write")
+                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+            },
+            scenario("mprotect-cycle-write", "pin, mprotect(PROT_READ) then PROT_READ|PROT_WRITE, write",
+                     ["pin the region", "mprotect(PROT_READ), then mprotect(PROT_READ|PROT_WRITE)",
+                      "the parent writes 0xff", "read through the pin: must show the write"],
+                     tags: ["mprotect"]) { ctx, region in
+                let p = try pin.pin(region, in: ctx)
+                try region.mprotect(Int32(CP_PROT_READ))
+                try region.mprotect(Int32(CP_PROT_READ_WRITE))
+                ctx.parentWrites()
+                ctx.notePages("after the write")
+                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+            },
+        ]
+        if pin.readOnly {
+            list.append(scenario("pin-ro-exclusive", "R/O pin of an exclusive page mapped R/O, then write",
+                                 ["mprotect(PROT_READ)", "pin the region (R/O)", "mprotect(PROT_READ|PROT_WRITE)",
+                                  "the parent writes 0xff", "read through the pin: must show the write"],
+                                 tags: ["mprotect"]) { ctx, region in
+                try region.mprotect(Int32(CP_PROT_READ))
+                let p = try pin.pin(region, in: ctx)
+                try region.mprotect(Int32(CP_PROT_READ_WRITE))
+                ctx.parentWrites()
+                ctx.notePages("after the write")
+                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+            })
+        }
+        return list
+    }
+}

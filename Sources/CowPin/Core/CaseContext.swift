@@ -1,0 +1,82 @@
+/// Everything a running case uses: its memory, its children, the expected
+/// contents, and the findings it records. Cleans up after itself.
+public final class CaseContext {
+    public let caseID: String
+    public let probe: Probe
+    /// Bound for every wait in the case (ms).
+    public let timeoutMs: Int32
+    /// The case's initial content.
+    public let original: Content
+    public let parentWrite = Content.written(0xFF, by: "the parent")
+    public let childWrite = Content.written(0xCC, by: "the child")
+    /// The memory under test, filled with `original` by the backing.
+    public internal(set) var region: Region!
+
+    var findings: [Finding] = []
+    var pages: [PageSnapshot] = []
+    var notes: [String] = []
+    private var cleanups: [() -> Void] = []
+
+    init(case c: Case, probe: Probe, timeoutMs: Int32) {
+        caseID = c.id
+        self.probe = probe
+        self.timeoutMs = timeoutMs
+        original = .original(seed: c.seed)
+    }
+
+    /// Every content a view could plausibly hold, to name what it holds.
+    public var candidates: [Content] { [original, parentWrite, childWrite, .zero] }
+
+    /// Runs `body` when the case ends, however it ends (last registered, first run).
+    public func onCleanup(_ body: @escaping () -> Void) { cleanups.append(body) }
+
+    func cleanup() {
+        while let c = cleanups.popLast() { c() }
+        region?.release()
+    }
+
+    /// fork(); the child runs the program `build` writes. Killed and reaped
+    /// when the case ends if the case did not finish it.
+    public func fork(_ build: (inout ChildProgram) throws -> Void) throws -> Child {
+        let child = try Child(timeoutMs: timeoutMs, build)
+        onCleanup { child.kill() }
+        return child
+    }
+
+    /// A buffer shared with children, as large as the region.
+    public func sharedBuffer() throws -> SharedBuffer { try SharedBuffer(size: region.size) }
+
+    /// The parent writes `content` over the whole region.
+    public func parentWrites(_ content: Content? = nil) { region.fill(content ?? parentWrite) }
+
+    /// Records a finding when `seen` does not hold `expected`.
+    public func expect(_ view: String, holds expected: Content, seen: UnsafeRawBufferPointer, meaning: String) {
+        if let f = Comparison.compare(view: view, seen: seen, expected: expected, candidates: candidates,
+                                      meaning: meaning, pageSize: region.pageSize) {
+            findings.append(f)
+        }
+    }
+
+    public func expect(_ view: String, holds expected: Content, seen: [UInt8], meaning: String) {
+        seen.withUnsafeBytes { expect(view, holds: expected, seen: $0, meaning: meaning) }
+    }
+
+    /// The parent's own mapping must hold `expected`.
+    public func expectParent(holds expected: Content, meaning: String) {
+        expect("parent mapping", holds: expected, seen: region.bytes, meaning: meaning)
+    }
+
+    /// Records the frame the parent (or `child`) maps at the region's first
+    /// and last page, for evidence.
+    public func notePages(_ step: String, child: Child? = nil) {
+        let who = child.map { "child \($0.pid)" } ?? "parent"
+        let last = region.pages - 1
+        for page in last > 0 ? [0, last] : [0] {
+            pages.append(PageInfo.snapshot(step: step, who: who, pid: child?.pid, region: region, page: page))
+        }
+    }
+
+    public func note(_ text: String) { notes.append(text) }
+
+    var evidence: Evidence { Evidence(findings: findings, pages: pages, notes: notes) }
+}

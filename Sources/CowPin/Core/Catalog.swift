@@ -1,0 +1,52 @@
+import Glibc
+
+/// Every case cowpin knows: scenarios x the backings each lists.
+public enum Catalog {
+    public static let version = "0.1.0"
+
+    /// The long-term pin methods; each runs every long-term pin event that fits it.
+    public static let pins: [PinMethod] = [IoUringFixedPin(), GupTestPin(fast: false), GupTestPin(fast: true)]
+
+    public static let scenarios: [Scenario] =
+        PlainCOWCases.scenarios + VmspliceCases.scenarios + pins.flatMap(LongTermPinCases.scenarios(for:))
+
+    public static let all: [Case] = scenarios.flatMap { s in s.backings.map { Case(scenario: s, backing: $0) } }
+
+    public static func find(_ id: String) -> Case? { all.first { $0.id == id } }
+}
+
+/// Which cases to run: id globs (fnmatch(3), `*` also matches `/`), tags, exclusions.
+public struct Selection: Sendable, Equatable {
+    public var filters: [String]
+    public var tags: [String]
+    public var excludes: [String]
+
+    public init(filters: [String] = [], tags: [String] = [], excludes: [String] = []) {
+        self.filters = filters
+        self.tags = tags
+        self.excludes = excludes
+    }
+
+    public struct Unmatched: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    static func glob(_ pattern: String, _ id: String) -> Bool { fnmatch(pattern, id, 0) == 0 }
+
+    /// The selected cases, in catalog order. A filter or tag that matches no
+    /// case is a usage error (a typo must not silently run nothing).
+    public func select(from cases: [Case] = Catalog.all) throws -> [Case] {
+        for f in filters where !cases.contains(where: { Self.glob(f, $0.id) }) {
+            throw Unmatched(description: "no case matches filter '\(f)' (see `cowpin list`)")
+        }
+        let known = Set(cases.flatMap(\.tags))
+        for t in tags where !known.contains(t) {
+            throw Unmatched(description: "unknown tag '\(t)'; known tags: \(known.sorted().joined(separator: ", "))")
+        }
+        return cases.filter { c in
+            (filters.isEmpty || filters.contains { Self.glob($0, c.id) })
+                && tags.allSatisfy { c.tags.contains($0) }
+                && !excludes.contains { Self.glob($0, c.id) }
+        }
+    }
+}

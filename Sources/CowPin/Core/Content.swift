@@ -1,0 +1,110 @@
+import CCowPin
+
+/// What a range of memory is supposed to hold. Every actor writes something
+/// recognisable, so a mismatch can say whose data ended up where.
+public struct Content: Equatable, Sendable, CustomStringConvertible {
+    enum Kind: Equatable, Sendable {
+        case pattern(seed: UInt32)
+        case fill(UInt8)
+    }
+
+    let kind: Kind
+    /// Whose data this is, for evidence ("the parent's write").
+    public let label: String
+
+    /// The case's initial content: a position-dependent pattern unique to the case.
+    public static func original(seed: UInt32) -> Content {
+        Content(kind: .pattern(seed: seed), label: "the original content")
+    }
+
+    public static func written(_ byte: UInt8, by who: String) -> Content {
+        Content(kind: .fill(byte), label: "\(who)'s write (0x\(hex(byte)))")
+    }
+
+    public static let zero = Content(kind: .fill(0), label: "zeroes")
+
+    public var description: String { label }
+
+    /// Writes this content into `buffer`, as it would sit at `offset` in the region.
+    public func materialize(into buffer: UnsafeMutableRawBufferPointer, offset: Int = 0) {
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        switch kind {
+        case .pattern(let seed): cp_fill_pattern(base, buffer.count, seed, offset)
+        case .fill(let b): base.initializeMemory(as: UInt8.self, repeating: b, count: buffer.count)
+        }
+    }
+
+    /// Whether `bytes` (found at `offset` in the region) are exactly this content.
+    public func matches(_ bytes: UnsafeRawBufferPointer, offset: Int) -> Bool {
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return true }
+        switch kind {
+        case .pattern(let seed): return cp_matches_pattern(base, bytes.count, seed, offset) != 0
+        case .fill(let b): return cp_all_equal(base, bytes.count, b) != 0
+        }
+    }
+
+    public func byte(at offset: Int) -> UInt8 {
+        switch kind {
+        case .pattern(let seed): return cp_pattern_byte(seed, offset)
+        case .fill(let b): return b
+        }
+    }
+}
+
+func hex(_ b: UInt8) -> String {
+    let digits = Array("0123456789abcdef")
+    return String([digits[Int(b >> 4)], digits[Int(b & 15)]])
+}
+
+func hexBytes(_ bytes: UnsafeRawBufferPointer) -> String {
+    bytes.map(hex).joined(separator: " ")
+}
+
+/// Compares what a view holds with what it should hold.
+public enum Comparison {
+    /// Differences closer than this are reported as one range.
+    static let mergeGap = 32
+    static let shownBytes = 16
+
+    /// nil when `seen` holds exactly `expected`; otherwise a finding that
+    /// names, for each differing range, which of `candidates` it holds.
+    public static func compare(
+        view: String, seen: UnsafeRawBufferPointer, expected: Content,
+        candidates: [Content], meaning: String, pageSize: Int
+    ) -> Finding? {
+        let n = seen.count
+        if expected.matches(seen, offset: 0) { return nil }
+        let want = UnsafeMutableRawBufferPointer.allocate(byteCount: max(n, 1), alignment: 8)
+        defer { want.deallocate() }
+        expected.materialize(into: UnsafeMutableRawBufferPointer(rebasing: want[0..<n]))
+        let maxRanges = Finding.maxRanges
+        var raw = [cp_range](repeating: cp_range(), count: maxRanges)
+        let total = raw.withUnsafeMutableBufferPointer { out in
+            Int(cp_diff_ranges(want.baseAddress, seen.baseAddress, n, mergeGap, out.baseAddress, maxRanges))
+        }
+        // Count differing bytes and pages over the whole buffer.
+        var differing = 0
+        var pages = Set<Int>()
+        let w = UnsafeRawBufferPointer(want)
+        for i in 0..<n where w[i] != seen[i] {
+            differing += 1
+            pages.insert(i / pageSize)
+        }
+        let ranges = raw.prefix(min(total, maxRanges)).map { r -> DiffRange in
+            let off = Int(r.offset), len = Int(r.length)
+            let slice = UnsafeRawBufferPointer(rebasing: seen[off..<(off + len)])
+            let shown = min(len, shownBytes)
+            let who = candidates.first { $0.matches(slice, offset: off) }?.label ?? "unrecognised"
+            return DiffRange(
+                offset: off, length: len,
+                firstPage: off / pageSize, lastPage: (off + len - 1) / pageSize,
+                expectedBytes: hexBytes(UnsafeRawBufferPointer(rebasing: w[off..<(off + shown)])),
+                seenBytes: hexBytes(UnsafeRawBufferPointer(rebasing: seen[off..<(off + shown)])),
+                seenIs: who)
+        }
+        return Finding(
+            view: view, expected: expected.label, meaning: meaning,
+            differingBytes: differing, differingPages: pages.count,
+            totalRanges: total, ranges: Array(ranges))
+    }
+}

@@ -1,0 +1,138 @@
+import Glibc
+
+public struct RunOptions: Sendable {
+    /// Bound for every wait inside a case.
+    public var timeoutMs: Int32 = 10_000
+    public var repeatCount: Int = 1
+    public init(timeoutMs: Int32 = 10_000, repeatCount: Int = 1) {
+        self.timeoutMs = timeoutMs
+        self.repeatCount = repeatCount
+    }
+}
+
+/// The result of one case run.
+public struct CaseResult: Sendable, Equatable {
+    public var id: String
+    /// 1-based repetition (with --repeat).
+    public var iteration: Int
+    public var verdict: Verdict
+    public var durationNs: UInt64
+
+    public init(id: String, iteration: Int = 1, verdict: Verdict, durationNs: UInt64 = 0) {
+        self.id = id
+        self.iteration = iteration
+        self.verdict = verdict
+        self.durationNs = durationNs
+    }
+}
+
+public struct Totals: Codable, Sendable, Equatable {
+    public var coherent = 0, decoherent = 0, skip = 0, xfail = 0, xpass = 0, error = 0
+    public init() {}
+    public var total: Int { coherent + decoherent + skip + xfail + xpass + error }
+
+    public mutating func add(_ k: Verdict.Kind) {
+        switch k {
+        case .coherent: coherent += 1
+        case .decoherent: decoherent += 1
+        case .skip: skip += 1
+        case .xfail: xfail += 1
+        case .xpass: xpass += 1
+        case .error: error += 1
+        }
+    }
+
+    /// 1 decoherence found, else 2 harness error, else 4 all skipped, else 0.
+    public var exitCode: Int32 {
+        if decoherent > 0 { return 1 }
+        if error > 0 { return 2 }
+        if total > 0 && skip == total { return 4 }
+        return 0
+    }
+}
+
+/// Receives results as cases finish.
+public protocol Reporter: AnyObject {
+    func begin(planned: Int, probe: Probe)
+    func finished(_ result: CaseResult, number: Int)
+    func end(_ totals: Totals)
+}
+
+/// Runs cases one at a time (forks must not overlap: a concurrent fork()
+/// would add references to another case's pages and change what the kernel does).
+public final class Runner {
+    public let probe: Probe
+    public let options: RunOptions
+    private static let lock = CaseLock()
+
+    public init(probe: Probe = .current(), options: RunOptions = RunOptions()) {
+        self.probe = probe
+        self.options = options
+    }
+
+    /// Runs one case; never throws: every failure becomes a verdict.
+    public func run(_ c: Case, iteration: Int = 1) -> CaseResult {
+        Runner.lock.lock()
+        defer { Runner.lock.unlock() }
+        let start = monotonicNs()
+        let verdict = verdictOf(c)
+        return CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - start)
+    }
+
+    func verdictOf(_ c: Case) -> Verdict {
+        if let reason = c.scenario.requirement(probe) { return .skip(reason: reason) }
+        let ctx = CaseContext(case: c, probe: probe, timeoutMs: options.timeoutMs)
+        defer { ctx.cleanup() }
+        do {
+            ctx.region = try c.backing.make(ctx)
+            try c.scenario.body(ctx)
+        } catch let s as CaseSkip {
+            return .skip(reason: s.reason)
+        } catch {
+            let extra = ctx.findings.isEmpty ? "" : " (after \(ctx.findings.count) mismatch(es) were recorded)"
+            return .error("\(error)\(extra)")
+        }
+        switch (ctx.findings.isEmpty, c.scenario.knownIssue) {
+        case (true, nil): return .coherent
+        case (false, nil): return .decoherent(ctx.evidence)
+        case (true, let k?): return .xpass(reason: k.reason, reference: k.reference)
+        case (false, let k?): return .xfail(reason: k.reason, reference: k.reference, evidence: ctx.evidence)
+        }
+    }
+
+    /// Runs the cases (`repeatCount` times), streaming to the reporter.
+    @discardableResult
+    public func run(_ cases: [Case], reporter: Reporter) -> Totals {
+        var totals = Totals()
+        reporter.begin(planned: cases.count * options.repeatCount, probe: probe)
+        var number = 0
+        for iteration in 1...max(1, options.repeatCount) {
+            for c in cases {
+                number += 1
+                let r = run(c, iteration: iteration)
+                totals.add(r.verdict.kind)
+                reporter.finished(r, number: number)
+            }
+        }
+        reporter.end(totals)
+        return totals
+    }
+}
+
+func monotonicNs() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// A process-wide mutex (pthread), so that cases never overlap even when
+/// a test runner calls `run` from several threads.
+final class CaseLock: @unchecked Sendable {
+    private let m: UnsafeMutablePointer<pthread_mutex_t>
+    init() {
+        m = .allocate(capacity: 1)
+        pthread_mutex_init(m, nil)
+    }
+    func lock() { pthread_mutex_lock(m) }
+    func unlock() { pthread_mutex_unlock(m) }
+}

@@ -1,0 +1,109 @@
+/// The outcome of one case.
+public enum Verdict: Equatable, Sendable {
+    /// The pin and the mapping agree: no data went astray.
+    case coherent
+    /// The pin and the mapping diverged; the evidence says where the data went.
+    case decoherent(Evidence)
+    /// The case could not run here.
+    case skip(reason: String)
+    /// Decoherent, as documented for a bug that is unfixed upstream.
+    case xfail(reason: String, reference: String, evidence: Evidence)
+    /// Coherent although upstream documents the bug as unfixed.
+    case xpass(reason: String, reference: String)
+    /// The harness failed; says nothing about the kernel.
+    case error(String)
+
+    public var kind: Kind {
+        switch self {
+        case .coherent: return .coherent
+        case .decoherent: return .decoherent
+        case .skip: return .skip
+        case .xfail: return .xfail
+        case .xpass: return .xpass
+        case .error: return .error
+        }
+    }
+
+    public enum Kind: String, Codable, CaseIterable, Sendable {
+        case coherent, decoherent, skip, xfail, xpass, error
+    }
+
+    public var evidence: Evidence? {
+        switch self {
+        case .decoherent(let e), .xfail(_, _, let e): return e
+        default: return nil
+        }
+    }
+
+    /// The one-line reason or message for skip, xfail, xpass and error.
+    public var reason: String? {
+        switch self {
+        case .skip(let r): return r
+        case .xfail(let r, let ref, _), .xpass(let r, let ref): return "\(r) [\(ref)]"
+        case .error(let m): return m
+        case .coherent, .decoherent: return nil
+        }
+    }
+}
+
+/// What a decoherent case saw.
+public struct Evidence: Codable, Equatable, Sendable {
+    public var findings: [Finding] = []
+    /// Page frame numbers at the case's key steps (root only).
+    public var pages: [PageSnapshot] = []
+    public var notes: [String] = []
+
+    public init(findings: [Finding] = [], pages: [PageSnapshot] = [], notes: [String] = []) {
+        self.findings = findings
+        self.pages = pages
+        self.notes = notes
+    }
+}
+
+/// One view of the memory (the parent's mapping, the child's, the pin's) that
+/// does not hold what it should.
+public struct Finding: Codable, Equatable, Sendable {
+    /// Which view was read, and how.
+    public var view: String
+    /// What that view should hold.
+    public var expected: String
+    /// What a difference here means for a driver or a process.
+    public var meaning: String
+    public var differingBytes: Int
+    public var differingPages: Int
+    public var totalRanges: Int
+    /// The first differing ranges (at most `Finding.maxRanges`).
+    public var ranges: [DiffRange]
+
+    public static let maxRanges = 8
+}
+
+/// A contiguous run of bytes that differ from what was expected.
+public struct DiffRange: Codable, Equatable, Sendable {
+    public var offset: Int
+    public var length: Int
+    public var firstPage: Int
+    public var lastPage: Int
+    /// The first bytes expected and seen, hex.
+    public var expectedBytes: String
+    public var seenBytes: String
+    /// Whose data the seen bytes are, when recognisable ("original content",
+    /// "the child's write (0xcc)"), else "unrecognised".
+    public var seenIs: String
+}
+
+/// A page's frame as a process maps it at one step of a case.
+public struct PageSnapshot: Codable, Equatable, Sendable {
+    public var step: String
+    public var who: String
+    public var page: Int
+    public var pfn: UInt64?
+    public var flags: [String]
+    public init(step: String, who: String, page: Int, pfn: UInt64?, flags: [String]) {
+        self.step = step
+        self.who = who
+        self.page = page
+        self.pfn = pfn
+        self.flags = flags
+    }
+}

@@ -1,0 +1,125 @@
+import CCowPin
+import Glibc
+
+/// Reads /proc/PID/pagemap, /proc/kpageflags and /proc/self/smaps.
+public enum PageInfo {
+    public struct Entry: Equatable, Sendable {
+        public var present: Bool
+        public var swapped: Bool
+        public var exclusive: Bool
+        /// nil when the kernel hides PFNs (not CAP_SYS_ADMIN) or the page is absent.
+        public var pfn: UInt64?
+
+        public init(raw: UInt64) {
+            present = raw & (1 << 63) != 0
+            swapped = raw & (1 << 62) != 0
+            exclusive = raw & (1 << 56) != 0
+            let p = raw & ((1 << 55) - 1)
+            pfn = present && p != 0 ? p : nil
+        }
+    }
+
+    /// The pagemap entry of the page at `address` in process `pid` ("self" when nil).
+    public static func entry(pid: Int32? = nil, address: UnsafeRawPointer) -> Entry? {
+        let path = "/proc/\(pid.map(String.init) ?? "self")/pagemap"
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        let index = UInt(bitPattern: address) / UInt(cp_page_size())
+        var raw: UInt64 = 0
+        guard cp_pread_full(fd, &raw, 8, Int64(index * 8)) == 8 else { return nil }
+        return Entry(raw: raw)
+    }
+
+    /// Bits of /proc/kpageflags (include/uapi/linux/kernel-page-flags.h).
+    public static let flagNames: [(bit: Int, name: String)] = [
+        (11, "mmap"), (12, "anon"), (13, "swapcache"), (14, "swapbacked"),
+        (15, "compound_head"), (16, "compound_tail"), (17, "huge"), (21, "ksm"),
+        (22, "thp"), (24, "zero_page"),
+    ]
+
+    public static func kpageflags(pfn: UInt64) -> UInt64? {
+        let fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var raw: UInt64 = 0
+        guard cp_pread_full(fd, &raw, 8, Int64(pfn * 8)) == 8 else { return nil }
+        return raw
+    }
+
+    public static func flagList(_ raw: UInt64) -> [String] {
+        flagNames.filter { raw & (1 << UInt64($0.bit)) != 0 }.map(\.name)
+    }
+
+    /// Whether the page at `address` belongs to a transparent huge page
+    /// (nil when /proc/kpageflags or the PFN cannot be read).
+    public static func isTHP(address: UnsafeRawPointer) -> Bool? {
+        guard let pfn = entry(address: address)?.pfn, let flags = kpageflags(pfn: pfn) else { return nil }
+        return flags & (1 << 22) != 0
+    }
+
+    /// A snapshot of one page for evidence.
+    public static func snapshot(step: String, who: String, pid: Int32? = nil, region: Region, page: Int) -> PageSnapshot {
+        let e = entry(pid: pid, address: region.address(ofPage: page))
+        var flags: [String] = []
+        if let e {
+            if !e.present { flags.append(e.swapped ? "swapped" : "not present") }
+            if e.exclusive { flags.append("exclusive") }
+            if let pfn = e.pfn, let raw = kpageflags(pfn: pfn) { flags += flagList(raw) }
+        }
+        return PageSnapshot(step: step, who: who, page: page, pfn: e?.pfn, flags: flags)
+    }
+
+    /// The smaps fields (in kB) of the mapping that contains `address`.
+    public static func smapsFields(containing address: UnsafeRawPointer) -> [String: Int]? {
+        guard let text = readFile("/proc/self/smaps") else { return nil }
+        return parseSmaps(text, containing: UInt(bitPattern: address))
+    }
+
+    /// Parses smaps text; returns the "Key: N kB" fields of the VMA holding `address`.
+    public static func parseSmaps(_ text: String, containing address: UInt) -> [String: Int]? {
+        var inside = false
+        var fields: [String: Int] = [:]
+        for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
+            if let dash = line.firstIndex(of: "-"), let space = line.firstIndex(of: " "), dash < space,
+               let lo = UInt(line[line.startIndex..<dash], radix: 16),
+               let hi = UInt(line[line.index(after: dash)..<space], radix: 16) {
+                if inside { return fields }
+                inside = address >= lo && address < hi
+                continue
+            }
+            guard inside, let colon = line.firstIndex(of: ":") else { continue }
+            let key = String(line[line.startIndex..<colon])
+            let rest = line[line.index(after: colon)...].split(separator: " ")
+            if rest.count == 2, rest[1] == "kB", let v = Int(rest[0]) { fields[key] = v }
+        }
+        return inside ? fields : nil
+    }
+}
+
+/// The whole content of a (proc, sys) file, or nil.
+public func readFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var data = [UInt8]()
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        data += chunk[0..<n]
+    }
+    return String(decoding: data, as: UTF8.self)
+}
+
+/// Writes `value` to a (sys) file; nil on success, else the errno.
+@discardableResult
+public func writeFile(_ path: String, _ value: String) -> Int32? {
+    let fd = open(path, O_WRONLY | O_CLOEXEC)
+    guard fd >= 0 else { return errno }
+    defer { close(fd) }
+    let bytes = Array(value.utf8)
+    let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+    return n == bytes.count ? nil : errno
+}

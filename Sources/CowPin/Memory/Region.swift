@@ -1,0 +1,91 @@
+import CCowPin
+import Glibc
+
+/// A mapping the harness owns. Unmapped on release unless a case unmapped it.
+public final class Region {
+    public let base: UnsafeMutableRawPointer
+    public let size: Int
+    public let pageSize: Int
+    /// Where the mapping came from, for evidence ("anonymous, MADV_HUGEPAGE").
+    public let origin: String
+    public private(set) var isMapped = true
+
+    init(base: UnsafeMutableRawPointer, size: Int, origin: String) {
+        self.base = base
+        self.size = size
+        self.pageSize = Int(cp_page_size())
+        self.origin = origin
+    }
+
+    /// A private (or shared) anonymous mapping.
+    public static func anonymous(size: Int, shared: Bool = false, origin: String = "anonymous") throws -> Region {
+        var err: Int32 = 0
+        guard let p = cp_mmap_anon(size, shared ? 1 : 0, 0, &err) else {
+            throw SyscallError("mmap(\(size) bytes, \(shared ? "MAP_SHARED" : "MAP_PRIVATE")|MAP_ANONYMOUS)", errno: err)
+        }
+        return Region(base: p, size: size, origin: origin)
+    }
+
+    /// An anonymous mapping of `size` bytes aligned to `alignment`.
+    public static func anonymousAligned(size: Int, alignment: Int, origin: String) throws -> Region {
+        var err: Int32 = 0
+        let span = size + alignment
+        guard let p = cp_mmap_anon(span, 0, 0, &err) else {
+            throw SyscallError("mmap(\(span) bytes)", errno: err)
+        }
+        let start = Int(bitPattern: p)
+        let aligned = (start + alignment - 1) & ~(alignment - 1)
+        if aligned > start { cp_munmap(p, aligned - start) }
+        let tail = start + span - (aligned + size)
+        if tail > 0 { cp_munmap(UnsafeMutableRawPointer(bitPattern: aligned + size), tail) }
+        return Region(base: UnsafeMutableRawPointer(bitPattern: aligned)!, size: size, origin: origin)
+    }
+
+    deinit { release() }
+
+    public func release() {
+        if isMapped {
+            cp_munmap(base, size)
+            isMapped = false
+        }
+    }
+
+    public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }
+    public var pages: Int { size / pageSize }
+
+    public func address(ofPage page: Int) -> UnsafeMutableRawPointer { base + page * pageSize }
+
+    public func fill(_ content: Content) {
+        content.materialize(into: UnsafeMutableRawBufferPointer(start: base, count: size))
+    }
+
+    public func madvise(_ advice: Int32, name: String) throws {
+        try check("madvise(\(name))", cp_madvise(base, size, advice))
+    }
+
+    public func mprotect(_ prot: Int32, range: Range<Int>? = nil) throws {
+        let r = range ?? 0..<size
+        let name = prot == Int32(CP_PROT_READ) ? "PROT_READ" : prot == Int32(CP_PROT_READ_WRITE) ? "PROT_READ|PROT_WRITE" : "\(prot)"
+        try check("mprotect(\(name))", cp_mprotect(base + r.lowerBound, r.count, prot))
+    }
+
+    /// munmap() by a case; the region is not touched again.
+    public func unmap() throws {
+        try check("munmap", cp_munmap(base, size))
+        isMapped = false
+    }
+
+    /// A copy of what the mapping holds now.
+    public func snapshot() -> [UInt8] { Array(bytes) }
+}
+
+/// Memory shared between parent and child (MAP_SHARED): the child's reports.
+public final class SharedBuffer {
+    let region: Region
+    public init(size: Int) throws {
+        region = try Region.anonymous(size: max(size, 1), shared: true, origin: "shared report buffer")
+    }
+    public var base: UnsafeMutableRawPointer { region.base }
+    public var size: Int { region.size }
+    public var bytes: UnsafeRawBufferPointer { region.bytes }
+}

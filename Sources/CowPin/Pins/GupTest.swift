@@ -1,0 +1,60 @@
+import CCowPin
+import Glibc
+
+/// The kernel's gup_test debugfs interface (CONFIG_GUP_TEST): PIN_LONGTERM_TEST
+/// takes a long-term pin, R/O unless asked for write; PIN_LONGTERM_TEST_READ
+/// copies what the pinned pages hold.
+public struct GupTestPin: PinMethod {
+    public static let path = "/sys/kernel/debug/gup_test"
+    public let fast: Bool
+    public init(fast: Bool) { self.fast = fast }
+
+    public var id: String { fast ? "gup-test-ro-fast" : "gup-test-ro" }
+    public var summary: String {
+        "gup_test PIN_LONGTERM_TEST, R/O long-term pin via \(fast ? "pin_user_pages_fast()" : "pin_user_pages()")"
+    }
+    public var readOnly: Bool { true }
+
+    public func unavailable(_ probe: Probe) -> String? {
+        probe.gupTest.available ? nil : probe.gupTest.detail
+    }
+
+    public func pin(_ region: Region, in ctx: CaseContext) throws -> Pin {
+        let fd = try check("open(\(Self.path))", cp_gup_test_open(Self.path))
+        let r = cp_gup_pin_longterm_start(fd, region.base, region.size, 0, fast ? 1 : 0)
+        if r < 0 {
+            cp_close(fd)
+            throw SyscallError("PIN_LONGTERM_TEST_START", result: Int(r))
+        }
+        let pin = GupTestLongterm(fd: fd, size: region.size, fast: fast)
+        ctx.onCleanup { pin.release() }
+        return pin
+    }
+}
+
+final class GupTestLongterm: Pin {
+    var fd: Int32
+    let size: Int
+    let fast: Bool
+    init(fd: Int32, size: Int, fast: Bool) {
+        self.fd = fd
+        self.size = size
+        self.fast = fast
+    }
+
+    var view: String { "pin (gup_test PIN_LONGTERM_TEST_READ)" }
+
+    func read() throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: size)
+        try out.withUnsafeMutableBytes { try check("PIN_LONGTERM_TEST_READ", cp_gup_pin_longterm_read(fd, $0.baseAddress)) }
+        return out
+    }
+
+    func release() {
+        if fd >= 0 {
+            cp_gup_pin_longterm_stop(fd)
+            cp_close(fd)
+            fd = -1
+        }
+    }
+}

@@ -1,0 +1,104 @@
+import CCowPin
+import Glibc
+
+/// io_uring fixed buffers: IORING_REGISTER_BUFFERS takes a long-term R/W pin
+/// (FOLL_PIN | FOLL_LONGTERM | FOLL_WRITE). The pin's view is observed with
+/// IORING_OP_WRITE_FIXED into a memfd, read back with pread().
+public struct IoUringFixedPin: PinMethod {
+    public init() {}
+    public var id: String { "iouring-fixed" }
+    public var summary: String { "io_uring fixed buffer (IORING_REGISTER_BUFFERS: FOLL_PIN|FOLL_LONGTERM|FOLL_WRITE)" }
+    public var readOnly: Bool { false }
+
+    public func unavailable(_ probe: Probe) -> String? {
+        probe.ioUring.usable ? nil : "io_uring unavailable: \(probe.ioUring.detail)"
+    }
+
+    public func pin(_ region: Region, in ctx: CaseContext) throws -> Pin {
+        let ring = try IoUring(entries: 4)
+        let memlock = Probe.memlockLimit()
+        let r = cp_ring_register_buffer(ring.ring, region.base, region.size)
+        if r == -ENOMEM && !Probe.isRoot, let soft = memlock.soft, soft < UInt64(region.size) {
+            throw CaseSkip("RLIMIT_MEMLOCK (\(soft) bytes) is below the \(region.size)-byte buffer to register")
+        }
+        try check("io_uring_register_buffers(\(region.size) bytes)", r)
+        let pin = IoUringFixed(ring: ring, region: region, timeoutMs: ctx.timeoutMs)
+        ctx.onCleanup { pin.release() }
+        return pin
+    }
+}
+
+
+
+/// An io_uring instance.
+public final class IoUring {
+    let ring: OpaquePointer
+
+    public init(entries: UInt32) throws {
+        var r: OpaquePointer?
+        try check("io_uring_queue_init", cp_ring_open(&r, entries))
+        ring = r!
+    }
+
+    deinit { cp_ring_close(ring) }
+
+    public enum Opcode: Int32 {
+        case read = 0, write = 1, readFixed = 2, writeFixed = 3
+        var name: String { ["IORING_OP_READ", "IORING_OP_WRITE", "IORING_OP_READ_FIXED", "IORING_OP_WRITE_FIXED"][Int(rawValue)] }
+    }
+
+    public func submit(_ op: Opcode, fd: Int32, address: UnsafeMutableRawPointer, length: Int, offset: Int64, userData: UInt64) throws {
+        try check("io_uring submit \(op.name)", cp_ring_submit(ring, op.rawValue, fd, address, length, offset, userData))
+    }
+
+    /// Waits (bounded) for one completion: (user data, result).
+    public func complete(timeoutMs: Int32) throws -> (UInt64, Int32) {
+        var ud: UInt64 = 0
+        var res: Int32 = 0
+        let r = cp_ring_wait(ring, timeoutMs, &ud, &res)
+        if r == -ETIMEDOUT { throw HarnessError("no io_uring completion within \(timeoutMs) ms") }
+        try check("io_uring_wait_cqe", r)
+        return (ud, res)
+    }
+
+    /// Submits and waits (bounded); returns the completion's result (>= 0).
+    @discardableResult
+    public func perform(_ op: Opcode, fd: Int32, address: UnsafeMutableRawPointer, length: Int, offset: Int64, timeoutMs: Int32) throws -> Int {
+        try submit(op, fd: fd, address: address, length: length, offset: offset, userData: 1)
+        let (_, res) = try complete(timeoutMs: timeoutMs)
+        return try check("\(op.name) completion", Int(res))
+    }
+}
+
+final class IoUringFixed: Pin {
+    let ring: IoUring
+    let region: Region
+    let timeoutMs: Int32
+    var registered = true
+
+    init(ring: IoUring, region: Region, timeoutMs: Int32) {
+        self.ring = ring
+        self.region = region
+        self.timeoutMs = timeoutMs
+    }
+
+    var view: String { "pin (io_uring WRITE_FIXED of the registered buffer, read back)" }
+
+    func read() throws -> [UInt8] {
+        let fd = try check("memfd_create", cp_memfd("cowpin-pin-view"))
+        defer { cp_close(fd) }
+        let n = try ring.perform(.writeFixed, fd: fd, address: region.base, length: region.size, offset: 0, timeoutMs: timeoutMs)
+        guard n == region.size else { throw HarnessError("WRITE_FIXED wrote \(n) of \(region.size) bytes") }
+        var out = [UInt8](repeating: 0, count: region.size)
+        let got = try out.withUnsafeMutableBytes { try check("pread(memfd)", cp_pread_full(fd, $0.baseAddress, $0.count, 0)) }
+        guard got == region.size else { throw HarnessError("read back \(got) of \(region.size) bytes") }
+        return out
+    }
+
+    func release() {
+        if registered {
+            cp_ring_unregister_buffers(ring.ring)
+            registered = false
+        }
+    }
+}

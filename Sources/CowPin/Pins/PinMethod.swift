@@ -1,0 +1,23 @@
+/// A way to pin pages the way a driver does, and to read what the pinned
+/// pages hold (the device's view).
+public protocol PinMethod: Sendable {
+    /// Stable id, the first part of a case id ("iouring-fixed").
+    var id: String { get }
+    var summary: String { get }
+    /// R/O pin (no FOLL_WRITE): the hard case of the LKML discussion.
+    var readOnly: Bool { get }
+    /// Why this pin cannot be used here, or nil.
+    func unavailable(_ probe: Probe) -> String?
+    /// Pins the whole region.
+    func pin(_ region: Region, in ctx: CaseContext) throws -> Pin
+}
+
+/// A live pin.
+public protocol Pin: AnyObject {
+    /// The view, for evidence ("pin (io_uring WRITE_FIXED read-back)").
+    var view: String { get }
+    /// What the pinned pages hold now, as the device would read them.
+    func read() throws -> [UInt8]
+    /// Drops the pin (idempotent).
+    func release()
+}

@@ -1,0 +1,261 @@
+import CCowPin
+import Foundation
+import Glibc
+
+/// What the running kernel offers cowpin, read from /proc, /sys and a few syscalls.
+public struct Probe: Codable, Sendable, Equatable {
+    public struct Kernel: Codable, Sendable, Equatable {
+        public var release: String
+        public var version: String
+        public var machine: String
+    }
+
+    public struct Privileges: Codable, Sendable, Equatable {
+        public var euid: UInt32
+        public var capSysAdmin: Bool
+        public var capIpcLock: Bool
+    }
+
+    public struct Limit: Codable, Sendable, Equatable {
+        /// nil: unlimited.
+        public var soft: UInt64?
+        public var hard: UInt64?
+    }
+
+    public struct IoUringInfo: Codable, Sendable, Equatable {
+        public var usable: Bool
+        /// /proc/sys/kernel/io_uring_disabled (0, 1, 2), nil when absent.
+        public var disabledSysctl: Int?
+        public var detail: String
+    }
+
+    public struct MTHPSize: Codable, Sendable, Equatable {
+        public var sizeKB: Int
+        /// always, inherit, madvise or never.
+        public var enabled: String
+    }
+
+    public struct THPInfo: Codable, Sendable, Equatable {
+        public var available: Bool
+        public var enabled: String?
+        public var defrag: String?
+        public var pmdSize: Int?
+        public var useZeroPage: Bool?
+        public var sizes: [MTHPSize]
+
+        /// Why MADV_HUGEPAGE cannot give a PMD THP here, or nil.
+        public var pmdUnavailableReason: String? {
+            guard available, let pmd = pmdSize else { return "no THP support (/sys/kernel/mm/transparent_hugepage missing)" }
+            let perSize = sizes.first { $0.sizeKB * 1024 == pmd }?.enabled ?? "inherit"
+            if perSize == "never" { return "PMD-sized THP disabled (hugepages-\(pmd / 1024)kB/enabled=never)" }
+            if perSize == "inherit" && enabled == "never" { return "THP disabled (transparent_hugepage/enabled=never)" }
+            return nil
+        }
+    }
+
+    public struct HugetlbPool: Codable, Sendable, Equatable {
+        public var sizeKB: Int
+        public var total: Int
+        public var free: Int
+        public var reserved: Int
+        public var surplus: Int
+    }
+
+    public struct SwapDevice: Codable, Sendable, Equatable {
+        public var name: String
+        public var type: String
+        public var sizeKB: Int
+        public var usedKB: Int
+        public var priority: Int
+    }
+
+    public struct Feature: Codable, Sendable, Equatable {
+        public var available: Bool
+        public var detail: String
+    }
+
+    public struct VFIOInfo: Codable, Sendable, Equatable {
+        public var container: Bool
+        public var groups: [String]
+        /// PCI devices bound to vfio-pci.
+        public var devices: [String]
+    }
+
+    public var kernel: Kernel
+    public var privileges: Privileges
+    public var memlock: Limit
+    public var pageSize: Int
+    public var ioUring: IoUringInfo
+    public var thp: THPInfo
+    public var hugetlb: [HugetlbPool]
+    public var swap: [SwapDevice]
+    public var fuse: Feature
+    public var vfio: VFIOInfo
+    public var gupTest: Feature
+    public var ksm: Feature
+    public var userfaultfd: Feature
+
+    public static var isRoot: Bool { geteuid() == 0 }
+
+    public static func memlockLimit() -> Limit {
+        var soft: UInt64 = 0, hard: UInt64 = 0
+        guard cp_getrlimit_memlock(&soft, &hard) == 0 else { return Limit(soft: nil, hard: nil) }
+        let inf = UInt64.max
+        return Limit(soft: soft == inf ? nil : soft, hard: hard == inf ? nil : hard)
+    }
+
+    /// Probes the running kernel.
+    public static func current() -> Probe {
+        var u = utsname()
+        uname(&u)
+        func field<T>(_ v: T) -> String {
+            withUnsafeBytes(of: v) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        }
+        let status = readFile("/proc/self/status") ?? ""
+        let caps = ProbeParsing.capEff(status) ?? 0
+        return Probe(
+            kernel: Kernel(release: field(u.release), version: field(u.version), machine: field(u.machine)),
+            privileges: Privileges(euid: geteuid(), capSysAdmin: caps & (1 << 21) != 0, capIpcLock: caps & (1 << 14) != 0),
+            memlock: memlockLimit(),
+            pageSize: Int(cp_page_size()),
+            ioUring: probeIoUring(),
+            thp: probeTHP(),
+            hugetlb: probeHugetlb(),
+            swap: ProbeParsing.swaps(readFile("/proc/swaps") ?? ""),
+            fuse: probeFuse(),
+            vfio: probeVFIO(),
+            gupTest: probeGupTest(),
+            ksm: Feature(available: access("/sys/kernel/mm/ksm/run", F_OK) == 0,
+                         detail: access("/sys/kernel/mm/ksm/run", F_OK) == 0 ? "run=\(trimmed("/sys/kernel/mm/ksm/run") ?? "?")" : "no /sys/kernel/mm/ksm (CONFIG_KSM not set)"),
+            userfaultfd: Feature(available: access("/proc/sys/vm/unprivileged_userfaultfd", F_OK) == 0 || access("/dev/userfaultfd", F_OK) == 0,
+                                 detail: access("/dev/userfaultfd", F_OK) == 0 ? "/dev/userfaultfd present" : "syscall only")
+        )
+    }
+
+    static func trimmed(_ path: String) -> String? {
+        readFile(path).map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+    }
+
+    static func probeIoUring() -> IoUringInfo {
+        let sysctl = trimmed("/proc/sys/kernel/io_uring_disabled").flatMap { Int($0) }
+        do {
+            _ = try IoUring(entries: 1)
+            return IoUringInfo(usable: true, disabledSysctl: sysctl, detail: "io_uring_setup works")
+        } catch {
+            var detail = "io_uring_setup failed: \(error)"
+            if let s = sysctl, s > 0 { detail += " (kernel.io_uring_disabled=\(s))" }
+            return IoUringInfo(usable: false, disabledSysctl: sysctl, detail: detail)
+        }
+    }
+
+    static func probeTHP() -> THPInfo {
+        let dir = "/sys/kernel/mm/transparent_hugepage"
+        guard access(dir, F_OK) == 0 else {
+            return THPInfo(available: false, enabled: nil, defrag: nil, pmdSize: nil, useZeroPage: nil, sizes: [])
+        }
+        let sizes = listDirectory(dir).compactMap { name -> MTHPSize? in
+            // Sizes without an "enabled" file exist for shmem only.
+            guard let kb = ProbeParsing.hugepagesDirSizeKB(name),
+                  let mode = trimmed("\(dir)/\(name)/enabled").flatMap(ProbeParsing.bracketed) else { return nil }
+            return MTHPSize(sizeKB: kb, enabled: mode)
+        }.sorted { $0.sizeKB < $1.sizeKB }
+        return THPInfo(
+            available: true,
+            enabled: trimmed("\(dir)/enabled").flatMap(ProbeParsing.bracketed),
+            defrag: trimmed("\(dir)/defrag").flatMap(ProbeParsing.bracketed),
+            pmdSize: trimmed("\(dir)/hpage_pmd_size").flatMap { Int($0) },
+            useZeroPage: trimmed("\(dir)/use_zero_page").map { $0 == "1" },
+            sizes: sizes)
+    }
+
+    static func probeHugetlb() -> [HugetlbPool] {
+        let dir = "/sys/kernel/mm/hugepages"
+        return listDirectory(dir).compactMap { name -> HugetlbPool? in
+            guard let kb = ProbeParsing.hugepagesDirSizeKB(name) else { return nil }
+            func n(_ f: String) -> Int { trimmed("\(dir)/\(name)/\(f)").flatMap { Int($0) } ?? 0 }
+            return HugetlbPool(sizeKB: kb, total: n("nr_hugepages"), free: n("free_hugepages"),
+                               reserved: n("resv_hugepages"), surplus: n("surplus_hugepages"))
+        }.sorted { $0.sizeKB < $1.sizeKB }
+    }
+
+    static func probeFuse() -> Feature {
+        let dev = access("/dev/fuse", F_OK) == 0
+        let fs = ProbeParsing.filesystems(readFile("/proc/filesystems") ?? "").contains("fuse")
+        let detail = fs ? (dev ? "fuse filesystem and /dev/fuse present" : "fuse filesystem present, /dev/fuse missing")
+                        : "fuse not in /proc/filesystems (CONFIG_FUSE_FS not set or module not loaded)"
+        return Feature(available: dev && fs, detail: detail)
+    }
+
+    static func probeVFIO() -> VFIOInfo {
+        let groups = listDirectory("/dev/vfio").filter { $0 != "vfio" }.sorted()
+        let devices = listDirectory("/sys/bus/pci/drivers/vfio-pci").filter { $0.contains(":") }.sorted()
+        return VFIOInfo(container: access("/dev/vfio/vfio", F_OK) == 0, groups: groups, devices: devices)
+    }
+
+    static func probeGupTest() -> Feature {
+        if access(GupTestPin.path, F_OK) == 0 {
+            return Feature(available: true, detail: "\(GupTestPin.path) present")
+        }
+        let mounts = readFile("/proc/mounts") ?? ""
+        if !ProbeParsing.isMounted(mounts, type: "debugfs", at: "/sys/kernel/debug") {
+            return Feature(available: false, detail: "gup_test unavailable: debugfs is not mounted on /sys/kernel/debug")
+        }
+        return Feature(available: false, detail: "gup_test unavailable: kernel built without CONFIG_GUP_TEST (no \(GupTestPin.path))")
+    }
+}
+
+func listDirectory(_ path: String) -> [String] {
+    guard let d = opendir(path) else { return [] }
+    defer { closedir(d) }
+    var names: [String] = []
+    while let e = readdir(d) {
+        let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name != "." && name != ".." { names.append(name) }
+    }
+    return names
+}
+
+/// Pure parsers for the files the probe reads (unit-tested on fixed text).
+public enum ProbeParsing {
+    /// "always [madvise] never" -> "madvise".
+    public static func bracketed(_ s: String) -> String? {
+        guard let open = s.firstIndex(of: "["), let close = s[open...].firstIndex(of: "]") else { return nil }
+        return String(s[s.index(after: open)..<close])
+    }
+
+    /// "hugepages-2048kB" -> 2048.
+    public static func hugepagesDirSizeKB(_ name: String) -> Int? {
+        guard name.hasPrefix("hugepages-"), name.hasSuffix("kB") else { return nil }
+        return Int(name.dropFirst("hugepages-".count).dropLast(2))
+    }
+
+    /// CapEff from /proc/PID/status.
+    public static func capEff(_ status: String) -> UInt64? {
+        for line in status.split(separator: "\n") where line.hasPrefix("CapEff:") {
+            return UInt64(line.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16)
+        }
+        return nil
+    }
+
+    /// /proc/swaps.
+    public static func swaps(_ text: String) -> [Probe.SwapDevice] {
+        text.split(separator: "\n").dropFirst().compactMap { line in
+            let f = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            guard f.count >= 5, let size = Int(f[2]), let used = Int(f[3]), let prio = Int(f[4]) else { return nil }
+            return Probe.SwapDevice(name: String(f[0]), type: String(f[1]), sizeKB: size, usedKB: used, priority: prio)
+        }
+    }
+
+    /// File system names in /proc/filesystems ("nodev\tfuse" -> "fuse").
+    public static func filesystems(_ text: String) -> Set<String> {
+        Set(text.split(separator: "\n").compactMap { $0.split(separator: "\t").last.map { String($0).trimmingCharacters(in: .whitespaces) } })
+    }
+
+    /// Whether /proc/mounts lists a file system of `type` mounted at `path`.
+    public static func isMounted(_ mounts: String, type: String, at path: String) -> Bool {
+        mounts.split(separator: "\n").contains { line in
+            let f = line.split(separator: " ")
+            return f.count >= 3 && f[1] == path && f[2] == type
+        }
+    }
+}

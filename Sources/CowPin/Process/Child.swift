@@ -1,0 +1,175 @@
+import CCowPin
+import Glibc
+
+/// What a child does after fork(), written down before fork() and run by the
+/// C interpreter (the child may not run Swift: the parent is multi-threaded).
+public struct ChildProgram {
+    var ops: [cp_op] = []
+    var names: [String] = []
+    /// Bound for the child's own waits (ms).
+    var timeoutMs: Int64 = 10_000
+    /// Set by `Child`: the pipes of the checkpoint handshake.
+    var toParent: Int32 = -1
+    var fromParent: Int32 = -1
+
+    init() {}
+
+    mutating func add(_ name: String, _ kind: cp_op_kind, fd: Int32 = -1, addr: UnsafeMutableRawPointer? = nil,
+                      addr2: UnsafeMutableRawPointer? = nil, len: Int = 0, arg: Int64 = 0) {
+        ops.append(cp_op(kind: kind.rawValue, fd: fd, addr: addr, addr2: addr2, len: UInt64(len), arg: arg))
+        names.append(name)
+    }
+
+    /// Tell the parent we are here, and wait until it says go on.
+    public mutating func checkpoint() {
+        add("signal parent", CP_OP_SIGNAL, fd: toParent)
+        add("wait for parent", CP_OP_AWAIT, fd: fromParent, arg: timeoutMs)
+    }
+
+    /// Write `byte` over the whole region (the child's view of it).
+    public mutating func write(_ byte: UInt8, to region: Region) {
+        add("write 0x\(hex(byte))", CP_OP_FILL, addr: region.base, len: region.size, arg: Int64(byte))
+    }
+
+    /// Copy the child's view of the region into a shared buffer the parent can read.
+    public mutating func report(_ region: Region, into buffer: SharedBuffer) {
+        precondition(buffer.size >= region.size)
+        add("copy to report", CP_OP_COPY, addr: region.base, addr2: buffer.base, len: region.size)
+    }
+
+    public mutating func unmap(_ region: Region) {
+        add("munmap", CP_OP_MUNMAP, addr: region.base, len: region.size)
+    }
+
+    public mutating func mprotect(_ region: Region, _ prot: Int32) {
+        add("mprotect(\(prot))", CP_OP_MPROTECT, addr: region.base, len: region.size, arg: Int64(prot))
+    }
+
+    public mutating func madvise(_ region: Region, _ advice: Int32) {
+        add("madvise(\(advice))", CP_OP_MADVISE, addr: region.base, len: region.size, arg: Int64(advice))
+    }
+
+    /// vmsplice() the region into pipes (R/O pins held by the pipes).
+    public mutating func vmsplice(_ region: Region, into pipes: SplicePipes) {
+        for (pipe, range) in zip(pipes.pipes, pipes.ranges) {
+            add("vmsplice", CP_OP_VMSPLICE, fd: pipe.writeEnd, addr: region.base + range.lowerBound, len: range.count)
+        }
+    }
+
+    /// Read back what the pipes hold into a shared buffer, at the offsets they cover.
+    public mutating func read(_ pipes: SplicePipes, into buffer: SharedBuffer) {
+        for (pipe, range) in zip(pipes.pipes, pipes.ranges) {
+            precondition(buffer.size >= range.upperBound)
+            add("read pipe", CP_OP_READ, fd: pipe.readEnd, addr2: buffer.base + range.lowerBound, len: range.count, arg: timeoutMs)
+        }
+    }
+}
+
+/// A forked child running a `ChildProgram`. Every wait is bounded; a child
+/// that does not finish in time is killed and reaped.
+public final class Child {
+    public let pid: Int32
+    private var pidfd: Int32
+    private let toParent: OSPipe
+    private let fromParent: OSPipe
+    private let status: SharedBuffer
+    private let names: [String]
+    private let timeoutMs: Int32
+    private(set) var reaped = false
+
+    /// Forks; `build` writes the child's program.
+    init(timeoutMs: Int32, _ build: (inout ChildProgram) throws -> Void) throws {
+        toParent = try OSPipe()
+        fromParent = try OSPipe()
+        status = try SharedBuffer(size: MemoryLayout<cp_child_status>.size)
+        var program = ChildProgram()
+        program.timeoutMs = Int64(timeoutMs)
+        program.toParent = toParent.writeEnd
+        program.fromParent = fromParent.readEnd
+        try build(&program)
+        guard program.ops.count <= Int(CP_MAX_OPS) else { throw HarnessError("child program too long") }
+        self.names = program.names
+        self.timeoutMs = timeoutMs
+        var pid: Int32 = 0
+        var pidfd: Int32 = -1
+        let st = status.base.assumingMemoryBound(to: cp_child_status.self)
+        try check("fork", program.ops.withUnsafeBufferPointer { cp_spawn($0.baseAddress, $0.count, st, &pid, &pidfd) })
+        self.pid = pid
+        self.pidfd = pidfd
+        // Only the child writes here: a dead child then reads as end of file.
+        toParent.closeWrite()
+        fromParent.closeRead()
+    }
+
+    deinit {
+        if !reaped { cp_kill_reap(pid, pidfd) }
+    }
+
+    private var statusBlock: cp_child_status {
+        status.base.assumingMemoryBound(to: cp_child_status.self).pointee
+    }
+
+    /// Result of the child's operation `index` (e.g. bytes vmspliced).
+    public func result(ofOperation index: Int) -> Int64 {
+        withUnsafeBytes(of: statusBlock.result) { $0.load(fromByteOffset: index * 8, as: Int64.self) }
+    }
+
+    /// Results of every operation named `name`, in program order.
+    public func results(of name: String) -> [Int64] {
+        names.indices.filter { names[$0] == name }.map { result(ofOperation: $0) }
+    }
+
+    /// Waits (bounded) until the child reaches its next checkpoint.
+    public func awaitCheckpoint() throws {
+        let r = cp_await(toParent.readEnd, timeoutMs)
+        if r == 0 { return }
+        if r == -EPIPE { try finish(); throw HarnessError("child exited before its checkpoint") }
+        if r == -ETIMEDOUT {
+            kill()
+            throw HarnessError("child did not reach its checkpoint within \(timeoutMs) ms (killed)")
+        }
+        throw SyscallError("wait for child", result: Int(r))
+    }
+
+    /// Lets the child go on past its checkpoint.
+    public func resume() throws {
+        try check("signal child", cp_signal(fromParent.writeEnd))
+    }
+
+    /// Waits (bounded) for the child to exit and checks that its program ran.
+    public func finish() throws {
+        guard !reaped else { return }
+        var ws: Int32 = 0
+        let r = cp_reap(pid, pidfd, timeoutMs, &ws)
+        reaped = true
+        if r == -ETIMEDOUT { throw HarnessError("child \(pid) did not exit within \(timeoutMs) ms (killed)") }
+        try check("waitpid", r)
+        if cp_wifsignaled(ws) != 0 {
+            let sig = cp_wtermsig(ws)
+            throw HarnessError("child killed by signal \(sig) (\(signalName(sig))) after \(statusBlock.done) of \(names.count) steps")
+        }
+        let code = cp_wexitstatus(ws)
+        if code == CP_CHILD_OP_FAILED {
+            let i = Int(statusBlock.failed_op)
+            let name = names.indices.contains(i) ? names[i] : "#\(i)"
+            throw HarnessError("child step \(i) (\(name)) failed: \(SyscallError(name, errno: statusBlock.failed_errno))")
+        }
+        if code != 0 { throw HarnessError("child exited with status \(code)") }
+    }
+
+    /// SIGKILL and reap (bounded).
+    public func kill() {
+        guard !reaped else { return }
+        cp_kill_reap(pid, pidfd)
+        reaped = true
+    }
+}
+
+
+func signalName(_ sig: Int32) -> String {
+    let names: [Int32: String] = [
+        1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT", 7: "SIGBUS",
+        8: "SIGFPE", 9: "SIGKILL", 11: "SIGSEGV", 13: "SIGPIPE", 14: "SIGALRM", 15: "SIGTERM",
+    ]
+    return names[sig] ?? "signal \(sig)"
+}

@@ -1,0 +1,100 @@
+import CCowPin
+import Glibc
+
+/// A pipe (O_CLOEXEC). Both ends close on release.
+public final class OSPipe {
+    public private(set) var readEnd: Int32
+    public private(set) var writeEnd: Int32
+
+    public init() throws {
+        var fds: [Int32] = [-1, -1]
+        try check("pipe2", fds.withUnsafeMutableBufferPointer { cp_pipe($0.baseAddress) })
+        readEnd = fds[0]
+        writeEnd = fds[1]
+    }
+
+    deinit { close() }
+
+    public func close() {
+        closeRead()
+        closeWrite()
+    }
+
+    public func closeRead() {
+        if readEnd >= 0 { cp_close(readEnd); readEnd = -1 }
+    }
+
+    public func closeWrite() {
+        if writeEnd >= 0 { cp_close(writeEnd); writeEnd = -1 }
+    }
+
+    /// F_SETPIPE_SZ; returns the size the kernel granted.
+    @discardableResult
+    public func setSize(_ bytes: Int) throws -> Int {
+        Int(try check("fcntl(F_SETPIPE_SZ, \(bytes))", cp_set_pipe_size(writeEnd, Int32(bytes))))
+    }
+
+    /// Reads exactly `count` bytes (fewer at end of file), each wait bounded.
+    public func read(count: Int, timeoutMs: Int32) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        let n = try out.withUnsafeMutableBytes { b in
+            try check("read(pipe, \(count) bytes)", cp_read_full(readEnd, b.baseAddress, count, timeoutMs))
+        }
+        return Array(out[0..<n])
+    }
+}
+
+/// Pipes that together can hold a whole region for vmsplice(): one pipe when
+/// F_SETPIPE_SZ grants the region's size, else several of the largest size
+/// allowed (fs.pipe-max-size without CAP_SYS_RESOURCE), each covering a range.
+public final class SplicePipes {
+    public let pipes: [OSPipe]
+    public let ranges: [Range<Int>]
+
+    public init(covering size: Int, pageSize: Int) throws {
+        var pipes: [OSPipe] = []
+        var ranges: [Range<Int>] = []
+        var offset = 0
+        var chunk = size
+        while offset < size {
+            let p = try OSPipe()
+            var granted: Int?
+            while granted == nil {
+                let r = cp_set_pipe_size(p.writeEnd, Int32(min(chunk, size - offset)))
+                if r >= 0 {
+                    granted = Int(r)
+                } else if r == -EPERM && chunk > pageSize {
+                    chunk = max(pageSize, min(chunk / 2, Self.pipeMaxSize() ?? chunk / 2))
+                } else {
+                    throw SyscallError("fcntl(F_SETPIPE_SZ, \(chunk))", result: Int(r))
+                }
+            }
+            let len = min(granted!, size - offset)
+            pipes.append(p)
+            ranges.append(offset..<(offset + len))
+            offset += len
+            guard pipes.count <= 8 else { throw CaseSkip("a \(size)-byte region needs more than 8 pipes of \(len) bytes for vmsplice") }
+        }
+        self.pipes = pipes
+        self.ranges = ranges
+    }
+
+    static func pipeMaxSize() -> Int? {
+        readFile("/proc/sys/fs/pipe-max-size").flatMap { Int($0.split(separator: "\n").first ?? "") }
+    }
+
+    /// vmsplice() the region from the calling process.
+    public func splice(_ region: Region) throws {
+        for (p, r) in zip(pipes, ranges) {
+            let n = try check("vmsplice", cp_vmsplice(p.writeEnd, region.base + r.lowerBound, r.count))
+            guard n == r.count else { throw HarnessError("vmsplice moved \(n) of \(r.count) bytes") }
+        }
+    }
+
+    /// Reads back everything the pipes hold, in region order (bounded waits).
+    public func readAll(timeoutMs: Int32) throws -> [UInt8] {
+        var out: [UInt8] = []
+        for (p, r) in zip(pipes, ranges) { out += try p.read(count: r.count, timeoutMs: timeoutMs) }
+        return out
+    }
+}

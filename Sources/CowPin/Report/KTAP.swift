@@ -1,0 +1,55 @@
+/// KTAP v1, streamed: one result line as each case finishes, the evidence as
+/// diagnostic lines before it, and kselftest's totals line at the end.
+public final class KTAPReporter: Reporter {
+    let write: (String) -> Void
+    let timing: Bool
+    let repeatCount: Int
+
+    public init(timing: Bool = false, repeatCount: Int = 1, write: @escaping (String) -> Void) {
+        self.write = write
+        self.timing = timing
+        self.repeatCount = repeatCount
+    }
+
+    public func begin(planned: Int, probe: Probe) {
+        write("KTAP version 1")
+        write("# cowpin \(Catalog.version) on Linux \(probe.kernel.release) (\(probe.kernel.machine)), euid \(probe.privileges.euid)")
+        write("1..\(planned)")
+    }
+
+    public func finished(_ r: CaseResult, number: Int) {
+        let name = repeatCount > 1 ? "\(r.id) (run \(r.iteration) of \(repeatCount))" : r.id
+        for line in r.verdict.evidence.map(EvidenceText.lines) ?? [] { write("# \(line)") }
+        if timing { write("# time: \(formatMs(r.durationNs)) ms") }
+        write(Self.resultLine(r.verdict, number: number, name: name))
+    }
+
+    public func end(_ t: Totals) {
+        write("# Totals: pass:\(t.coherent) fail:\(t.decoherent) xfail:\(t.xfail) xpass:\(t.xpass) skip:\(t.skip) error:\(t.error)")
+    }
+
+    /// The KTAP result line of one case.
+    public static func resultLine(_ v: Verdict, number: Int, name: String) -> String {
+        func clean(_ s: String) -> String { s.replacingNewlines() }
+        switch v {
+        case .coherent: return "ok \(number) \(name)"
+        case .decoherent: return "not ok \(number) \(name)"
+        case .skip(let reason): return "ok \(number) \(name) # SKIP \(clean(reason))"
+        case .xfail(let reason, let ref, _): return "ok \(number) \(name) # XFAIL \(clean(reason)) [\(clean(ref))]"
+        case .xpass(let reason, let ref): return "ok \(number) \(name) # XPASS \(clean(reason)) [\(clean(ref))]"
+        case .error(let m): return "not ok \(number) \(name) # ERROR \(clean(m))"
+        }
+    }
+}
+
+func formatMs(_ ns: UInt64) -> String {
+    let us = (ns + 500) / 1000
+    let frac = us % 1000
+    return "\(us / 1000).\(frac < 10 ? "00" : frac < 100 ? "0" : "")\(frac)"
+}
+
+extension String {
+    func replacingNewlines() -> String {
+        String(map { $0 == "\n" || $0 == "#" ? " " : $0 })
+    }
+}

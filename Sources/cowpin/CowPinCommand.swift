@@ -1,0 +1,181 @@
+import ArgumentParser
+import CowPin
+import Foundation
+
+@main
+struct CowPinCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cowpin",
+        abstract: "Reproduce COW / GUP-pin decoherence on the running Linux kernel.",
+        discussion: """
+            Exit status of `run`: 0 no decoherence, 1 decoherence found, 2 usage or harness error, \
+            4 every selected case skipped.
+            """,
+        version: Catalog.version,
+        subcommands: [Run.self, List.self, Probe.self, Explain.self],
+        defaultSubcommand: Run.self
+    )
+
+    /// ArgumentParser exits with 64 on bad input; cowpin promises 2.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success {
+                print(fullMessage(for: error))
+                Foundation.exit(0)
+            }
+            if let e = error as? ExitCode { Foundation.exit(e.rawValue) }
+            FileHandle.standardError.write(Data("cowpin: \(fullMessage(for: error))\n".utf8))
+            Foundation.exit(2)
+        }
+    }
+}
+
+struct SelectionOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("Run cases whose id matches this glob (repeatable; `*` matches `/` too).", valueName: "glob"))
+    var filter: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Run cases that carry this tag (repeatable: all must match).", valueName: "tag"))
+    var tag: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Leave out cases whose id matches this glob (repeatable).", valueName: "glob"))
+    var exclude: [String] = []
+
+    func cases() throws -> [Case] {
+        do {
+            return try Selection(filters: filter, tags: tag, excludes: exclude).select()
+        } catch let e as Selection.Unmatched {
+            throw ValidationError(e.description)
+        }
+    }
+}
+
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+    case ktap, json, text
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run cases and report KTAP (default) or JSON.")
+
+    @OptionGroup var selection: SelectionOptions
+
+    @Option(help: ArgumentHelp("Output format: ktap or json.", valueName: "format"))
+    var format: OutputFormat = .ktap
+
+    @Option(name: .customLong("repeat"), help: ArgumentHelp("Run the selection N times.", valueName: "N"))
+    var repeatCount: Int = 1
+
+    @Option(help: ArgumentHelp("Bound for every wait inside a case, in seconds.", valueName: "seconds"))
+    var timeout: Double = 10
+
+    @Flag(help: "Report each case's duration and the total.")
+    var timing = false
+
+    func validate() throws {
+        guard repeatCount >= 1 && repeatCount <= 100_000 else { throw ValidationError("--repeat must be between 1 and 100000, got \(repeatCount)") }
+        guard timeout > 0 && timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600] seconds, got \(timeout)") }
+        guard format != .text else { throw ValidationError("run supports --format ktap or json") }
+    }
+
+    func run() throws {
+        let cases = try selection.cases()
+        let runner = Runner(options: RunOptions(timeoutMs: Int32(timeout * 1000), repeatCount: repeatCount))
+        let out: (String) -> Void = { line in
+            print(line)
+            fflush(stdout)
+        }
+        let reporter: Reporter = format == .json ? JSONReporter(write: out)
+                                                 : KTAPReporter(timing: timing, repeatCount: repeatCount, write: out)
+        let start = Date()
+        let totals = runner.run(cases, reporter: reporter)
+        if timing {
+            let ms = Date().timeIntervalSince(start) * 1000
+            let line = String(format: "total: %.1f ms for %d case run(s)", ms, totals.total)
+            if format == .ktap { out("# \(line)") } else { FileHandle.standardError.write(Data("\(line)\n".utf8)) }
+        }
+        throw ExitCode(totals.exitCode)
+    }
+}
+
+struct List: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "List the catalog (or the selected cases).")
+
+    @OptionGroup var selection: SelectionOptions
+
+    @Option(help: ArgumentHelp("Output format: text or json.", valueName: "format"))
+    var format: OutputFormat = .text
+
+    @Flag(help: "Also print each case's summary and tags.")
+    var verbose = false
+
+    func validate() throws {
+        guard format != .ktap else { throw ValidationError("list supports --format text or json") }
+    }
+
+    struct Entry: Codable {
+        var id: String
+        var summary: String
+        var tags: [String]
+    }
+
+    func run() throws {
+        let cases = try selection.cases()
+        if format == .json {
+            print(JSONReporter.encode(cases.map { Entry(id: $0.id, summary: $0.summary, tags: $0.tags) }))
+            return
+        }
+        for c in cases {
+            print(c.id)
+            if verbose {
+                print("    \(c.summary)")
+                print("    tags: \(c.tags.joined(separator: ", "))")
+            }
+        }
+    }
+}
+
+struct Probe: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show what the running kernel offers cowpin.")
+
+    @Option(help: ArgumentHelp("Output format: text or json.", valueName: "format"))
+    var format: OutputFormat = .text
+
+    func validate() throws {
+        guard format != .ktap else { throw ValidationError("probe supports --format text or json") }
+    }
+
+    func run() throws {
+        let p = CowPin.Probe.current()
+        if format == .json {
+            print(JSONReporter.encode(p))
+        } else {
+            print(ProbeText.render(p))
+        }
+    }
+}
+
+struct Explain: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Explain what a case does, step by step.")
+
+    @Argument(help: "A case id (see `cowpin list`).")
+    var caseID: String
+
+    func run() throws {
+        guard let c = Catalog.find(caseID) else {
+            throw ValidationError("unknown case '\(caseID)' (see `cowpin list`)")
+        }
+        print(c.id)
+        print("  \(c.summary)")
+        print("  tags: \(c.tags.joined(separator: ", "))")
+        print("  steps:")
+        print("    0. map \(c.backing.summary) and fill it with the case's own pattern")
+        for (i, s) in c.scenario.steps.enumerated() { print("    \(i + 1). \(s)") }
+        print("  verdicts: coherent = every view holds what it should; decoherent = a view holds another actor's data")
+        print("  (the evidence names the view, the byte ranges, and whose data is there); skip = cannot run here, with the reason;")
+        print("  error = the harness failed, not a finding about the kernel.")
+        if let k = c.scenario.knownIssue { print("  known unfixed upstream: \(k.reason) [\(k.reference)]") }
+    }
+}

@@ -24,7 +24,8 @@ let package = Package(
             name: "CCowPin",
             dependencies: ["CLiburing"],
             path: "CShims/CCowPin",
-            cSettings: [.define("_GNU_SOURCE")]
+            cSettings: [.define("_GNU_SOURCE")],
+            linkerSettings: [.linkedLibrary("z")]
         ),
         .target(
             name: "CowPin",

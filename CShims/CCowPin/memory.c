@@ -4,12 +4,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 void *cp_mmap_anon(size_t len, int shared, int extra_flags, int *err)
 {
@@ -68,10 +70,50 @@ void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset)
 int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_offset)
 {
     const uint8_t *p = buf;
-    for (size_t i = 0; i < len; i++)
+    size_t i = 0;
+    while (i < len && ((base_offset + i) & 7)) {
+        if (p[i] != cp_pattern_byte(seed, base_offset + i))
+            return 0;
+        i++;
+    }
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w = pattern_word(seed, (base_offset + i) >> 3);
+        if (memcmp(p + i, &w, 8))
+            return 0;
+    }
+    for (; i < len; i++)
         if (p[i] != cp_pattern_byte(seed, base_offset + i))
             return 0;
     return 1;
+}
+
+long cp_smaps_value(const char *text, size_t len, uint64_t addr, const char *key)
+{
+    size_t keylen = strlen(key);
+    int inside = 0;
+    const char *end = text + len;
+    for (const char *line = text; line < end;) {
+        const char *nl = memchr(line, '\n', (size_t)(end - line));
+        const char *eol = nl ? nl : end;
+        /* A VMA header starts with "lo-hi "; field lines start with "Key:". */
+        char *dash;
+        unsigned long long lo = strtoull(line, &dash, 16);
+        if (dash < eol && *dash == '-' && dash > line) {
+            char *sp;
+            unsigned long long hi = strtoull(dash + 1, &sp, 16);
+            if (sp < eol && *sp == ' ') {
+                if (inside)
+                    return -1;
+                inside = addr >= lo && addr < hi;
+                line = eol + 1;
+                continue;
+            }
+        }
+        if (inside && (size_t)(eol - line) > keylen && !memcmp(line, key, keylen) && line[keylen] == ':')
+            return strtol(line + keylen + 1, NULL, 10);
+        line = eol + 1;
+    }
+    return -1;
 }
 
 int cp_all_equal(const void *buf, size_t len, uint8_t byte)
@@ -111,6 +153,25 @@ size_t cp_diff_ranges(const void *a, const void *b, size_t len, size_t gap,
         i = end;
     }
     return found;
+}
+
+void cp_diff_count(const void *a, const void *b, size_t len, size_t page_size,
+                   uint64_t *bytes, uint64_t *pages)
+{
+    const uint8_t *x = a, *y = b;
+    uint64_t nb = 0, np = 0;
+    for (size_t page = 0; page < len; page += page_size) {
+        size_t end = page + page_size < len ? page + page_size : len;
+        uint64_t here = 0;
+        if (!memcmp(x + page, y + page, end - page))
+            continue;
+        for (size_t i = page; i < end; i++)
+            here += x[i] != y[i];
+        nb += here;
+        np += here > 0;
+    }
+    *bytes = nb;
+    *pages = np;
 }
 
 int cp_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC) ? -errno : 0; }
@@ -256,4 +317,24 @@ int cp_getrlimit_memlock(uint64_t *soft, uint64_t *hard)
     *soft = r.rlim_cur;
     *hard = r.rlim_max;
     return 0;
+}
+
+ssize_t cp_read_gzip(const char *path, void *buf, size_t len)
+{
+    gzFile f = gzopen(path, "rb");
+    if (!f)
+        return errno ? -errno : -EIO;
+    size_t done = 0;
+    while (done < len) {
+        int n = gzread(f, (char *)buf + done, (unsigned)(len - done > (1u << 30) ? (1u << 30) : len - done));
+        if (n < 0) {
+            gzclose(f);
+            return -EIO;
+        }
+        if (n == 0)
+            break;
+        done += (size_t)n;
+    }
+    gzclose(f);
+    return (ssize_t)done;
 }

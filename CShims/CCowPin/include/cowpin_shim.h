@@ -35,6 +35,7 @@ enum {
 
 /* madvise() advice values; some are newer than the C library's headers. */
 enum {
+    CP_MADV_DONTNEED = 4,
     CP_MADV_DONTFORK = 10,
     CP_MADV_DOFORK = 11,
     CP_MADV_MERGEABLE = 12,
@@ -60,10 +61,17 @@ struct cp_range {
  * merged. Writes at most max ranges, returns the total number found. */
 size_t cp_diff_ranges(const void *a, const void *b, size_t len, size_t gap,
                       struct cp_range *out, size_t max);
+/* Number of differing bytes, and of pages (page_size) holding at least one. */
+void cp_diff_count(const void *a, const void *b, size_t len, size_t page_size,
+                   uint64_t *bytes, uint64_t *pages);
 /* 1 when every byte of buf equals byte. */
 int cp_all_equal(const void *buf, size_t len, uint8_t byte);
 /* 1 when buf matches cowpin's pattern for seed at base_offset. */
 int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_offset);
+
+/* The value (kB) of field `key` ("AnonHugePages") of the VMA holding addr in
+ * smaps text, or -1. */
+long cp_smaps_value(const char *text, size_t len, uint64_t addr, const char *key);
 
 /* ---- file descriptors -------------------------------------------------- */
 
@@ -181,6 +189,8 @@ long cp_page_size(void);
 /* Human readable errno text into buf (strerror_r). */
 const char *cp_strerror(int err, char *buf, size_t len);
 int cp_getrlimit_memlock(uint64_t *soft, uint64_t *hard);
+/* Read a gzip file (e.g. /proc/config.gz) into buf: bytes read or -errno. */
+ssize_t cp_read_gzip(const char *path, void *buf, size_t len);
 
 #ifdef __cplusplus
 }

@@ -6,6 +6,13 @@ import CCowPin
 public enum LongTermPinCases {
     static let staleMeaning = "the pinned page is no longer the page the process maps: a device reads stale data and its DMA writes are lost to the process"
 
+    /// Pins the region and notes the frames pinned (the pin keeps these).
+    static func pinned(_ pin: PinMethod, _ ctx: CaseContext) throws -> Pin {
+        let p = try pin.pin(ctx.region, in: ctx)
+        ctx.notePages("when pinned")
+        return p
+    }
+
     public static func scenarios(for pin: PinMethod) -> [Scenario] {
         func scenario(_ event: String, _ summary: String, _ steps: [String], tags: [String],
                       _ body: @escaping @Sendable (CaseContext, Region) throws -> Void) -> Scenario {
@@ -19,7 +26,7 @@ public enum LongTermPinCases {
             scenario("exclusive-write", "pin an exclusive page, then write it",
                      ["pin the region", "the parent writes 0xff over it", "read through the pin: must show the write"],
                      tags: []) { ctx, region in
-                let p = try pin.pin(region, in: ctx)
+                let p = try pinned(pin, ctx)
                 ctx.parentWrites()
                 ctx.notePages("after the write")
                 ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
@@ -28,8 +35,7 @@ public enum LongTermPinCases {
                      ["pin the region", "fork(); the child stays alive", "the parent writes 0xff",
                       "read through the pin: must show the parent's write", "the child's view must still hold the original content"],
                      tags: ["fork"]) { ctx, region in
-                let p = try pin.pin(region, in: ctx)
-                ctx.notePages("after pin, before fork")
+                let p = try pinned(pin, ctx)
                 let report = try ctx.sharedBuffer()
                 let child = try ctx.fork { c in
                     c.checkpoint()
@@ -49,7 +55,7 @@ public enum LongTermPinCases {
                      ["pin the region", "fork(); the child writes 0xcc over its view",
                       "read through the pin: must still hold the original content", "the parent's mapping must too"],
                      tags: ["fork", "leak"]) { ctx, region in
-                let p = try pin.pin(region, in: ctx)
+                let p = try pinned(pin, ctx)
                 let child = try ctx.fork { c in
                     c.write(0xCC, to: region)
                     c.checkpoint()
@@ -75,8 +81,7 @@ public enum LongTermPinCases {
                 }
                 try child.awaitCheckpoint()
                 ctx.notePages("shared, before pin")
-                let p = try pin.pin(region, in: ctx)
-                ctx.notePages("after pin")
+                let p = try pinned(pin, ctx)
                 ctx.parentWrites()
                 ctx.notePages("after the parent's write")
                 ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
@@ -91,7 +96,7 @@ public enum LongTermPinCases {
                      tags: ["fork"]) { ctx, region in
                 let child = try ctx.fork { _ in }
                 try child.finish()
-                let p = try pin.pin(region, in: ctx)
+                let p = try pinned(pin, ctx)
                 ctx.parentWrites()
                 ctx.notePages("after the write")
                 ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
@@ -100,7 +105,7 @@ public enum LongTermPinCases {
                      ["pin the region", "mprotect(PROT_READ), then mprotect(PROT_READ|PROT_WRITE)",
                       "the parent writes 0xff", "read through the pin: must show the write"],
                      tags: ["mprotect"]) { ctx, region in
-                let p = try pin.pin(region, in: ctx)
+                let p = try pinned(pin, ctx)
                 try region.mprotect(Int32(CP_PROT_READ))
                 try region.mprotect(Int32(CP_PROT_READ_WRITE))
                 ctx.parentWrites()
@@ -114,7 +119,7 @@ public enum LongTermPinCases {
                                   "the parent writes 0xff", "read through the pin: must show the write"],
                                  tags: ["mprotect"]) { ctx, region in
                 try region.mprotect(Int32(CP_PROT_READ))
-                let p = try pin.pin(region, in: ctx)
+                let p = try pinned(pin, ctx)
                 try region.mprotect(Int32(CP_PROT_READ_WRITE))
                 ctx.parentWrites()
                 ctx.notePages("after the write")

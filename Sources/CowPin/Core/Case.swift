@@ -43,6 +43,11 @@ public struct KnownIssue: Sendable, Equatable {
 public struct Case: Sendable, Identifiable {
     public let scenario: Scenario
     public let backing: Backing
+    public init(scenario: Scenario, backing: Backing) {
+        self.scenario = scenario
+        self.backing = backing
+    }
+
     public var id: String { "\(scenario.id)/\(backing.id)" }
     public var tags: [String] { scenario.tags + backing.tags }
     public var summary: String { "\(scenario.summary), on \(backing.summary)" }

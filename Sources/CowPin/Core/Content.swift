@@ -82,14 +82,9 @@ public enum Comparison {
         let total = raw.withUnsafeMutableBufferPointer { out in
             Int(cp_diff_ranges(want.baseAddress, seen.baseAddress, n, mergeGap, out.baseAddress, maxRanges))
         }
-        // Count differing bytes and pages over the whole buffer.
-        var differing = 0
-        var pages = Set<Int>()
+        var differing: UInt64 = 0, pages: UInt64 = 0
+        cp_diff_count(want.baseAddress, seen.baseAddress, n, pageSize, &differing, &pages)
         let w = UnsafeRawBufferPointer(want)
-        for i in 0..<n where w[i] != seen[i] {
-            differing += 1
-            pages.insert(i / pageSize)
-        }
         let ranges = raw.prefix(min(total, maxRanges)).map { r -> DiffRange in
             let off = Int(r.offset), len = Int(r.length)
             let slice = UnsafeRawBufferPointer(rebasing: seen[off..<(off + len)])
@@ -104,7 +99,7 @@ public enum Comparison {
         }
         return Finding(
             view: view, expected: expected.label, meaning: meaning,
-            differingBytes: differing, differingPages: pages.count,
+            differingBytes: Int(differing), differingPages: Int(pages),
             totalRanges: total, ranges: Array(ranges))
     }
 }

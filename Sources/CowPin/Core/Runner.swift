@@ -70,16 +70,22 @@ public final class Runner {
         self.options = options
     }
 
+    /// Runs `body` while no case runs (for code that forks outside a case).
+    public static func exclusively<T>(_ body: () throws -> T) rethrows -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+
     /// Runs one case; never throws: every failure becomes a verdict.
     public func run(_ c: Case, iteration: Int = 1) -> CaseResult {
-        Runner.lock.lock()
-        defer { Runner.lock.unlock() }
         let start = monotonicNs()
-        let verdict = verdictOf(c)
+        let verdict = Runner.exclusively { verdictOf(c) }
         return CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - start)
     }
 
-    func verdictOf(_ c: Case) -> Verdict {
+    /// The verdict of one case (not serialized; `run` is).
+    public func verdictOf(_ c: Case) -> Verdict {
         if let reason = c.scenario.requirement(probe) { return .skip(reason: reason) }
         let ctx = CaseContext(case: c, probe: probe, timeoutMs: options.timeoutMs)
         defer { ctx.cleanup() }

@@ -76,6 +76,17 @@ public struct Finding: Codable, Equatable, Sendable {
     public var ranges: [DiffRange]
 
     public static let maxRanges = 8
+
+    public init(view: String, expected: String, meaning: String, differingBytes: Int, differingPages: Int,
+                totalRanges: Int, ranges: [DiffRange]) {
+        self.view = view
+        self.expected = expected
+        self.meaning = meaning
+        self.differingBytes = differingBytes
+        self.differingPages = differingPages
+        self.totalRanges = totalRanges
+        self.ranges = ranges
+    }
 }
 
 /// A contiguous run of bytes that differ from what was expected.
@@ -90,6 +101,16 @@ public struct DiffRange: Codable, Equatable, Sendable {
     /// Whose data the seen bytes are, when recognisable ("original content",
     /// "the child's write (0xcc)"), else "unrecognised".
     public var seenIs: String
+
+    public init(offset: Int, length: Int, firstPage: Int, lastPage: Int, expectedBytes: String, seenBytes: String, seenIs: String) {
+        self.offset = offset
+        self.length = length
+        self.firstPage = firstPage
+        self.lastPage = lastPage
+        self.expectedBytes = expectedBytes
+        self.seenBytes = seenBytes
+        self.seenIs = seenIs
+    }
 }
 
 /// A page's frame as a process maps it at one step of a case.

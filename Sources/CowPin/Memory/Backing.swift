@@ -46,7 +46,7 @@ public struct Backing: Sendable {
         // folio stays a THP.
         try r.mprotect(Int32(CP_PROT_READ), range: r.pageSize..<(2 * r.pageSize))
         try r.mprotect(Int32(CP_PROT_READ_WRITE), range: r.pageSize..<(2 * r.pageSize))
-        let huge = PageInfo.smapsFields(containing: r.base)?["AnonHugePages"] ?? -1
+        let huge = PageInfo.smapsValue("AnonHugePages", containing: r.base) ?? -1
         guard huge == 0 else {
             throw CaseSkip("THP still PMD-mapped after the mprotect() split (AnonHugePages: \(huge) kB)")
         }
@@ -64,7 +64,7 @@ public struct Backing: Sendable {
         let r = try Region.anonymousAligned(size: size, alignment: size, origin: "anonymous, MADV_HUGEPAGE")
         try r.madvise(Int32(CP_MADV_HUGEPAGE), name: "MADV_HUGEPAGE")
         r.fill(ctx.original)
-        let huge = PageInfo.smapsFields(containing: r.base)?["AnonHugePages"] ?? 0
+        let huge = PageInfo.smapsValue("AnonHugePages", containing: r.base) ?? 0
         guard huge * 1024 >= size else {
             throw CaseSkip("no PMD THP after MADV_HUGEPAGE and first touch (AnonHugePages: \(huge) kB; defrag=\(thp.defrag ?? "?"))")
         }

@@ -70,35 +70,23 @@ public enum PageInfo {
         return PageSnapshot(step: step, who: who, page: page, pfn: e?.pfn, flags: flags)
     }
 
-    /// The smaps fields (in kB) of the mapping that contains `address`.
-    public static func smapsFields(containing address: UnsafeRawPointer) -> [String: Int]? {
-        guard let text = readFile("/proc/self/smaps") else { return nil }
-        return parseSmaps(text, containing: UInt(bitPattern: address))
+    /// The smaps field `key` (in kB) of the mapping that contains `address`.
+    public static func smapsValue(_ key: String, containing address: UnsafeRawPointer) -> Int? {
+        guard let bytes = readBytes("/proc/self/smaps") else { return nil }
+        return smapsValue(key, in: bytes, containing: UInt64(UInt(bitPattern: address)))
     }
 
-    /// Parses smaps text; returns the "Key: N kB" fields of the VMA holding `address`.
-    public static func parseSmaps(_ text: String, containing address: UInt) -> [String: Int]? {
-        var inside = false
-        var fields: [String: Int] = [:]
-        for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
-            if let dash = line.firstIndex(of: "-"), let space = line.firstIndex(of: " "), dash < space,
-               let lo = UInt(line[line.startIndex..<dash], radix: 16),
-               let hi = UInt(line[line.index(after: dash)..<space], radix: 16) {
-                if inside { return fields }
-                inside = address >= lo && address < hi
-                continue
-            }
-            guard inside, let colon = line.firstIndex(of: ":") else { continue }
-            let key = String(line[line.startIndex..<colon])
-            let rest = line[line.index(after: colon)...].split(separator: " ")
-            if rest.count == 2, rest[1] == "kB", let v = Int(rest[0]) { fields[key] = v }
+    /// Parses smaps text: the "Key: N kB" value of the VMA holding `address`.
+    public static func smapsValue(_ key: String, in text: [UInt8], containing address: UInt64) -> Int? {
+        let v = text.withUnsafeBufferPointer { b in
+            b.withMemoryRebound(to: CChar.self) { cp_smaps_value($0.baseAddress, $0.count, address, key) }
         }
-        return inside ? fields : nil
+        return v < 0 ? nil : v
     }
 }
 
-/// The whole content of a (proc, sys) file, or nil.
-public func readFile(_ path: String) -> String? {
+/// The whole content of a (proc, sys) file, as bytes, or nil.
+public func readBytes(_ path: String) -> [UInt8]? {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return nil }
     defer { close(fd) }
@@ -110,7 +98,12 @@ public func readFile(_ path: String) -> String? {
         if n <= 0 { break }
         data += chunk[0..<n]
     }
-    return String(decoding: data, as: UTF8.self)
+    return data
+}
+
+/// The whole content of a (proc, sys) file, or nil.
+public func readFile(_ path: String) -> String? {
+    readBytes(path).map { String(decoding: $0, as: UTF8.self) }
 }
 
 /// Writes `value` to a (sys) file; nil on success, else the errno.

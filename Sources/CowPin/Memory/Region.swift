@@ -18,9 +18,9 @@ public final class Region {
     }
 
     /// A private (or shared) anonymous mapping.
-    public static func anonymous(size: Int, shared: Bool = false, origin: String = "anonymous") throws -> Region {
+    public static func anonymous(size: Int, shared: Bool = false, populate: Bool = false, origin: String = "anonymous") throws -> Region {
         var err: Int32 = 0
-        guard let p = cp_mmap_anon(size, shared ? 1 : 0, 0, &err) else {
+        guard let p = cp_mmap_anon(size, shared ? 1 : 0, populate ? MAP_POPULATE : 0, &err) else {
             throw SyscallError("mmap(\(size) bytes, \(shared ? "MAP_SHARED" : "MAP_PRIVATE")|MAP_ANONYMOUS)", errno: err)
         }
         return Region(base: p, size: size, origin: origin)

@@ -67,6 +67,13 @@ public struct Probe: Codable, Sendable, Equatable {
         public var sizeKB: Int
         public var usedKB: Int
         public var priority: Int
+        public init(name: String, type: String, sizeKB: Int, usedKB: Int, priority: Int) {
+            self.name = name
+            self.type = type
+            self.sizeKB = sizeKB
+            self.usedKB = usedKB
+            self.priority = priority
+        }
     }
 
     public struct Feature: Codable, Sendable, Equatable {
@@ -196,6 +203,9 @@ public struct Probe: Codable, Sendable, Equatable {
         if access(GupTestPin.path, F_OK) == 0 {
             return Feature(available: true, detail: "\(GupTestPin.path) present")
         }
+        if let config = KernelConfig.current(), config.values["CONFIG_GUP_TEST"] == nil {
+            return Feature(available: false, detail: "gup_test unavailable: CONFIG_GUP_TEST is not set (\(config.source))")
+        }
         let mounts = readFile("/proc/mounts") ?? ""
         if !ProbeParsing.isMounted(mounts, type: "debugfs", at: "/sys/kernel/debug") {
             return Feature(available: false, detail: "gup_test unavailable: debugfs is not mounted on /sys/kernel/debug")
@@ -257,5 +267,34 @@ public enum ProbeParsing {
             let f = line.split(separator: " ")
             return f.count >= 3 && f[1] == path && f[2] == type
         }
+    }
+}
+
+/// The running kernel's build configuration, from /proc/config.gz or /boot.
+public struct KernelConfig: Sendable {
+    public var source: String
+    /// CONFIG_X -> "y", "m", "\"string\"", ... (options that are not set are absent).
+    public var values: [String: String]
+
+    public static func current() -> KernelConfig? {
+        var buf = [UInt8](repeating: 0, count: 1 << 20)
+        let n = buf.withUnsafeMutableBytes { cp_read_gzip("/proc/config.gz", $0.baseAddress, $0.count) }
+        if n > 0 {
+            return KernelConfig(source: "/proc/config.gz", values: parse(String(decoding: buf[0..<n], as: UTF8.self)))
+        }
+        var u = utsname()
+        uname(&u)
+        let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let path = "/boot/config-\(release)"
+        return readFile(path).map { KernelConfig(source: path, values: parse($0)) }
+    }
+
+    public static func parse(_ text: String) -> [String: String] {
+        var out: [String: String] = [:]
+        for line in text.split(separator: "\n") where line.hasPrefix("CONFIG_") {
+            guard let eq = line.firstIndex(of: "=") else { continue }
+            out[String(line[..<eq])] = String(line[line.index(after: eq)...])
+        }
+        return out
     }
 }

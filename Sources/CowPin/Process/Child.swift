@@ -26,6 +26,11 @@ public struct ChildProgram {
         add("wait for parent", CP_OP_AWAIT, fd: fromParent, arg: timeoutMs)
     }
 
+    /// Wait for a byte on `pipe` (a hold point), at most `timeoutMs` (default: the case's bound).
+    public mutating func wait(for pipe: OSPipe, timeoutMs: Int64? = nil) {
+        add("wait for pipe", CP_OP_AWAIT, fd: pipe.readEnd, arg: timeoutMs ?? self.timeoutMs)
+    }
+
     /// Write `byte` over the whole region (the child's view of it).
     public mutating func write(_ byte: UInt8, to region: Region) {
         add("write 0x\(hex(byte))", CP_OP_FILL, addr: region.base, len: region.size, arg: Int64(byte))

@@ -1,0 +1,136 @@
+import CowPin
+import Foundation
+import Testing
+
+/// The `cowpin` executable, run as a user runs it.
+struct CLITests {
+    struct Output {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    static var binary: URL {
+        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        return exe.deletingLastPathComponent().appendingPathComponent("cowpin")
+    }
+
+    static func cowpin(_ args: String...) throws -> Output {
+        let p = Process()
+        p.executableURL = binary
+        p.arguments = args
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return Output(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    }
+
+    @Test func executableIsBuilt() {
+        #expect(FileManager.default.isExecutableFile(atPath: Self.binary.path), "swift test builds the cowpin executable next to the tests")
+    }
+
+    @Test("bad input exits 2 with a clear message", arguments: [
+        (["run", "--filter", "nosuch*"], "no case matches filter 'nosuch*'"),
+        (["run", "--tag", "nosuchtag"], "unknown tag 'nosuchtag'"),
+        (["run", "--repeat", "0"], "--repeat must be between 1 and 100000"),
+        (["run", "--repeat", "many"], "many"),
+        (["run", "--format", "xml"], "xml"),
+        (["run", "--timeout", "-1"], "--timeout"),
+        (["list", "--format", "ktap"], "list supports --format text or json"),
+        (["explain", "no/such/case"], "unknown case 'no/such/case'"),
+        (["frobnicate", "--now"], "--now"),
+    ])
+    func badInput(_ args: [String], _ message: String) throws {
+        let p = Process()
+        p.executableURL = Self.binary
+        p.arguments = args
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = Pipe()
+        try p.run()
+        let e = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 2)
+        #expect(e.contains(message), "stderr: \(e)")
+    }
+
+    @Test func helpExitsZero() throws {
+        let o = try Self.cowpin("--help")
+        #expect(o.status == 0)
+        #expect(o.stdout.contains("Exit status of `run`"))
+    }
+
+    /// Checks KTAP v1 shape: version, plan, numbered results matching the plan, totals.
+    static func checkKTAP(_ text: String) -> (results: [String], totals: String?) {
+        let lines = text.split(separator: "\n").map(String.init)
+        #expect(lines.first == "KTAP version 1")
+        let plan = lines.first { $0.hasPrefix("1..") }
+        let planned = plan.flatMap { Int($0.dropFirst(3)) }
+        let results = lines.filter { $0.hasPrefix("ok ") || $0.hasPrefix("not ok ") }
+        #expect(planned == results.count, "plan \(plan ?? "missing") vs \(results.count) result lines")
+        for (i, r) in results.enumerated() {
+            let rest = r.hasPrefix("ok ") ? r.dropFirst(3) : r.dropFirst(7)
+            #expect(rest.hasPrefix("\(i + 1) "), "result \(i + 1) out of order: \(r)")
+        }
+        for l in lines where !(l.hasPrefix("ok ") || l.hasPrefix("not ok ") || l.hasPrefix("#") || l.hasPrefix("1..") || l.hasPrefix("KTAP")) {
+            Issue.record("not a KTAP line: \(l)")
+        }
+        return (results, lines.last { $0.hasPrefix("# Totals:") })
+    }
+
+    @Test func runEmitsWellFormedKTAP() throws {
+        let o = try Self.cowpin("run", "--filter", "cow/*", "--filter", "vmsplice/*", "--timing")
+        let (results, totals) = Self.checkKTAP(o.stdout)
+        #expect(results.count == Catalog.all.filter { $0.id.hasPrefix("cow/") || $0.id.hasPrefix("vmsplice/") }.count)
+        let pass = results.filter { $0.hasPrefix("ok ") && !$0.contains(" # ") }.count
+        let skip = results.filter { $0.contains(" # SKIP ") }.count
+        let fail = results.filter { $0.hasPrefix("not ok ") && !$0.contains(" # ERROR ") }.count
+        let error = results.filter { $0.contains(" # ERROR ") }.count
+        #expect(totals == "# Totals: pass:\(pass) fail:\(fail) xfail:0 xpass:0 skip:\(skip) error:\(error)")
+        let expected: Int32 = fail > 0 ? 1 : error > 0 ? 2 : skip == results.count ? 4 : 0
+        #expect(o.status == expected)
+        #expect(o.stdout.contains("# total: "))
+    }
+
+    @Test func repeatNumbersEveryRun() throws {
+        let o = try Self.cowpin("run", "--filter", "cow/fork-parent-writes/anon-page", "--repeat", "3")
+        let (results, _) = Self.checkKTAP(o.stdout)
+        #expect(results.count == 3)
+        #expect(results.last?.hasSuffix("cow/fork-parent-writes/anon-page (run 3 of 3)") == true)
+    }
+
+    @Test func jsonRun() throws {
+        let o = try Self.cowpin("run", "--filter", "gup-test-ro/*", "--format", "json")
+        let doc = try JSONDecoder().decode(JSONReporter.Document.self, from: Data(o.stdout.utf8))
+        #expect(doc.results.count == Catalog.all.filter { $0.id.hasPrefix("gup-test-ro/") }.count)
+        #expect(doc.exitCode == o.status)
+        if !Probe.current().gupTest.available {
+            // Every case skipped, each with the reason: exit status 4.
+            #expect(o.status == 4)
+            #expect(doc.results.allSatisfy { $0.verdict == .skip && ($0.reason ?? "").contains("gup_test") })
+        }
+    }
+
+    @Test func listAndProbeAndExplain() throws {
+        let list = try Self.cowpin("list", "--format", "json")
+        #expect(list.status == 0)
+        let entries = try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [[String: Any]]
+        #expect(entries?.count == Catalog.all.count)
+
+        let probe = try Self.cowpin("probe", "--format", "json")
+        #expect(probe.status == 0)
+        let p = try JSONDecoder().decode(Probe.self, from: Data(probe.stdout.utf8))
+        #expect(p.kernel.release == Probe.current().kernel.release)
+
+        let text = try Self.cowpin("probe")
+        #expect(text.stdout.contains("io_uring:") && text.stdout.contains("THP:"))
+
+        let explain = try Self.cowpin("explain", "iouring-fixed/fork-parent-writes/thp-pmd")
+        #expect(explain.status == 0)
+        #expect(explain.stdout.contains("fork(); the child stays alive"))
+    }
+}

@@ -204,7 +204,7 @@ int cp_signal(int fd)
 }
 
 /* poll() for POLLIN, at most timeout_ms in total, retrying on EINTR. */
-static int wait_readable(int fd, int timeout_ms)
+int cp_wait_readable(int fd, int timeout_ms)
 {
     struct pollfd p = {.fd = fd, .events = POLLIN};
     struct timespec start, now;
@@ -227,12 +227,17 @@ static int wait_readable(int fd, int timeout_ms)
 
 int cp_await(int fd, int timeout_ms)
 {
-    int r = wait_readable(fd, timeout_ms);
+    uint8_t c;
+    return cp_await_value(fd, timeout_ms, &c);
+}
+
+int cp_await_value(int fd, int timeout_ms, uint8_t *value)
+{
+    int r = cp_wait_readable(fd, timeout_ms);
     if (r)
         return r;
-    char c;
     for (;;) {
-        ssize_t n = read(fd, &c, 1);
+        ssize_t n = read(fd, value, 1);
         if (n == 1)
             return 0;
         if (n == 0)
@@ -246,7 +251,7 @@ ssize_t cp_read_full(int fd, void *buf, size_t len, int timeout_ms)
 {
     size_t done = 0;
     while (done < len) {
-        int w = wait_readable(fd, timeout_ms);
+        int w = cp_wait_readable(fd, timeout_ms);
         if (w)
             return w;
         ssize_t n = read(fd, (char *)buf + done, len - done);

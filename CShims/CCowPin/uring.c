@@ -44,7 +44,7 @@ int cp_ring_register_buffer(struct cp_ring *r, void *addr, size_t len)
 int cp_ring_unregister_buffers(struct cp_ring *r) { return io_uring_unregister_buffers(&r->ring); }
 
 int cp_ring_submit(struct cp_ring *r, int opcode, int fd, void *addr, size_t len,
-                   int64_t offset, uint64_t user_data)
+                   int64_t offset, uint64_t user_data, int force_async)
 {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
     if (!sqe)
@@ -66,6 +66,8 @@ int cp_ring_submit(struct cp_ring *r, int opcode, int fd, void *addr, size_t len
         return -EINVAL;
     }
     io_uring_sqe_set_data64(sqe, user_data);
+    if (force_async)
+        sqe->flags |= IOSQE_ASYNC;
     int ret = io_uring_submit(&r->ring);
     if (ret < 0)
         return ret;

@@ -11,6 +11,11 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <fcntl.h>
+#include <linux/fuse.h>
+
+/* O_DIRECT needs _GNU_SOURCE, which Swift's importer does not define. */
+enum { CP_O_DIRECT = __O_DIRECT };
 
 #ifdef __cplusplus
 extern "C" {
@@ -83,6 +88,10 @@ int cp_close(int fd);
 int cp_signal(int fd);
 /* Wait at most timeout_ms for one byte. 0, -ETIMEDOUT, -EPIPE (writer gone). */
 int cp_await(int fd, int timeout_ms);
+/* The same, returning the byte read in *value. */
+int cp_await_value(int fd, int timeout_ms, uint8_t *value);
+/* Wait at most timeout_ms until fd is readable (nothing is read). */
+int cp_wait_readable(int fd, int timeout_ms);
 /* Read exactly len bytes, each wait bounded by timeout_ms. Returns the number
  * read (less than len at end of file) or -errno / -ETIMEDOUT. */
 ssize_t cp_read_full(int fd, void *buf, size_t len, int timeout_ms);
@@ -167,9 +176,11 @@ enum cp_ring_opcode {
     CP_RING_READ_FIXED = 2,  /* IORING_OP_READ_FIXED, buffer index 0 */
     CP_RING_WRITE_FIXED = 3, /* IORING_OP_WRITE_FIXED, buffer index 0 */
 };
-/* Queue and submit one request; its completion carries user_data. */
+/* Queue and submit one request; its completion carries user_data. With
+ * force_async the request goes to an io-wq worker at once (IOSQE_ASYNC), so
+ * a request that blocks never blocks the submitter. */
 int cp_ring_submit(struct cp_ring *ring, int opcode, int fd, void *addr,
-                   size_t len, int64_t offset, uint64_t user_data);
+                   size_t len, int64_t offset, uint64_t user_data, int force_async);
 /* Wait at most timeout_ms for a completion: 0 with *user_data and *res, or
  * -ETIMEDOUT / -errno. */
 int cp_ring_wait(struct cp_ring *ring, int timeout_ms, uint64_t *user_data, int32_t *res);

@@ -25,7 +25,7 @@ public final class CaseContext {
     }
 
     /// Every content a view could plausibly hold, to name what it holds.
-    public var candidates: [Content] { [original, parentWrite, childWrite, .zero] }
+    public var candidates: [Content] { [original, parentWrite, childWrite] + extraCandidates + [.zero] }
 
     /// Runs `body` when the case ends, however it ends (last registered, first run).
     public func onCleanup(_ body: @escaping () -> Void) { cleanups.append(body) }
@@ -46,25 +46,38 @@ public final class CaseContext {
     /// A buffer shared with children, as large as the region.
     public func sharedBuffer() throws -> SharedBuffer { try SharedBuffer(size: region.size) }
 
-    /// The parent writes `content` over the whole region.
-    public func parentWrites(_ content: Content? = nil) { region.fill(content ?? parentWrite) }
+    /// The parent writes `content` (default: its 0xff) over the region, or over `range` of it.
+    public func parentWrites(_ content: Content? = nil, range: Range<Int>? = nil) {
+        region.fill(content ?? parentWrite, range: range)
+    }
 
     /// Records a finding when `seen` does not hold `expected`.
-    public func expect(_ view: String, holds expected: Content, seen: UnsafeRawBufferPointer, meaning: String) {
+    public func expect(_ view: String, holds expected: Layout, seen: UnsafeRawBufferPointer, meaning: String) {
         if let f = Comparison.compare(view: view, seen: seen, expected: expected, candidates: candidates,
                                       meaning: meaning, pageSize: region.pageSize) {
             findings.append(f)
         }
     }
 
+    public func expect(_ view: String, holds expected: Content, seen: UnsafeRawBufferPointer, meaning: String) {
+        expect(view, holds: Layout(expected), seen: seen, meaning: meaning)
+    }
+
     public func expect(_ view: String, holds expected: Content, seen: [UInt8], meaning: String) {
-        seen.withUnsafeBytes { expect(view, holds: expected, seen: $0, meaning: meaning) }
+        seen.withUnsafeBytes { expect(view, holds: Layout(expected), seen: $0, meaning: meaning) }
     }
 
     /// The parent's own mapping must hold `expected`.
     public func expectParent(holds expected: Content, meaning: String) {
+        expectParent(holds: Layout(expected), meaning: meaning)
+    }
+
+    public func expectParent(holds expected: Layout, meaning: String) {
         expect("parent mapping", holds: expected, seen: region.bytes, meaning: meaning)
     }
+
+    /// Other contents a view could hold in this case (e.g. a file server's data).
+    public var extraCandidates: [Content] = []
 
     /// Records the frame the parent (or `child`) maps at the region's first
     /// and last page, for evidence.

@@ -9,6 +9,7 @@ public enum Catalog {
 
     public static let scenarios: [Scenario] =
         PlainCOWCases.scenarios + VmspliceCases.scenarios + pins.flatMap(LongTermPinCases.scenarios(for:))
+            + ODirectCases.scenarios
 
     public static let all: [Case] = scenarios.flatMap { s in s.backings.map { Case(scenario: s, backing: $0) } }
 

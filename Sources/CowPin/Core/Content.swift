@@ -23,7 +23,20 @@ public struct Content: Equatable, Sendable, CustomStringConvertible {
 
     public static let zero = Content(kind: .fill(0), label: "zeroes")
 
+    /// Another pattern (e.g. the data a file server returns), labelled by whose it is.
+    public static func pattern(seed: UInt32, label: String) -> Content {
+        Content(kind: .pattern(seed: seed), label: label)
+    }
+
     public var description: String { label }
+
+    /// A number derived from this content, to seed related contents.
+    public var hashSeed: UInt32 {
+        switch kind {
+        case .pattern(let seed): return seed
+        case .fill(let b): return UInt32(b)
+        }
+    }
 
     /// Writes this content into `buffer`, as it would sit at `offset` in the region.
     public func materialize(into buffer: UnsafeMutableRawBufferPointer, offset: Int = 0) {
@@ -51,6 +64,51 @@ public struct Content: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+/// What a whole buffer should hold: a base content with other contents laid
+/// over some byte ranges (e.g. read data in the first half of a page).
+public struct Layout: Equatable, Sendable, CustomStringConvertible {
+    public struct Overlay: Equatable, Sendable {
+        public var range: Range<Int>
+        public var content: Content
+    }
+
+    public var base: Content
+    public var overlays: [Overlay] = []
+
+    public init(_ base: Content) { self.base = base }
+
+    /// This layout with `content` over `range` (later overlays win).
+    public func with(_ content: Content, at range: Range<Int>) -> Layout {
+        var l = self
+        l.overlays.append(Overlay(range: range, content: content))
+        return l
+    }
+
+    public var description: String {
+        guard !overlays.isEmpty else { return base.label }
+        let parts = overlays.map { "\($0.content.label) at [0x\(String($0.range.lowerBound, radix: 16)), 0x\(String($0.range.upperBound, radix: 16)))" }
+        return parts.joined(separator: ", ") + ", \(base.label) elsewhere"
+    }
+
+    public func materialize(into buffer: UnsafeMutableRawBufferPointer) {
+        base.materialize(into: buffer)
+        for o in overlays {
+            let r = o.range.clamped(to: 0..<buffer.count)
+            guard !r.isEmpty else { continue }
+            o.content.materialize(into: UnsafeMutableRawBufferPointer(rebasing: buffer[r]), offset: r.lowerBound)
+        }
+    }
+
+    public func matches(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        if overlays.isEmpty { return base.matches(bytes, offset: 0) }
+        let want = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 8)
+        defer { want.deallocate() }
+        let w = UnsafeMutableRawBufferPointer(rebasing: want[0..<bytes.count])
+        materialize(into: w)
+        return bytes.elementsEqual(UnsafeRawBufferPointer(w))
+    }
+}
+
 func hex(_ b: UInt8) -> String {
     let digits = Array("0123456789abcdef")
     return String([digits[Int(b >> 4)], digits[Int(b & 15)]])
@@ -72,8 +130,15 @@ public enum Comparison {
         view: String, seen: UnsafeRawBufferPointer, expected: Content,
         candidates: [Content], meaning: String, pageSize: Int
     ) -> Finding? {
+        compare(view: view, seen: seen, expected: Layout(expected), candidates: candidates, meaning: meaning, pageSize: pageSize)
+    }
+
+    public static func compare(
+        view: String, seen: UnsafeRawBufferPointer, expected: Layout,
+        candidates: [Content], meaning: String, pageSize: Int
+    ) -> Finding? {
         let n = seen.count
-        if expected.matches(seen, offset: 0) { return nil }
+        if expected.matches(seen) { return nil }
         let want = UnsafeMutableRawBufferPointer.allocate(byteCount: max(n, 1), alignment: 8)
         defer { want.deallocate() }
         expected.materialize(into: UnsafeMutableRawBufferPointer(rebasing: want[0..<n]))
@@ -98,7 +163,7 @@ public enum Comparison {
                 seenIs: who)
         }
         return Finding(
-            view: view, expected: expected.label, meaning: meaning,
+            view: view, expected: expected.description, meaning: meaning,
             differingBytes: Int(differing), differingPages: Int(pages),
             totalRanges: total, ranges: Array(ranges))
     }

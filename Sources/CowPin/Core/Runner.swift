@@ -63,7 +63,7 @@ public protocol Reporter: AnyObject {
 public final class Runner {
     public let probe: Probe
     public let options: RunOptions
-    private static let lock = CaseLock()
+    private static let lock = Locked(())
 
     public init(probe: Probe = .current(), options: RunOptions = RunOptions()) {
         self.probe = probe
@@ -72,9 +72,7 @@ public final class Runner {
 
     /// Runs `body` while no case runs (for code that forks outside a case).
     public static func exclusively<T>(_ body: () throws -> T) rethrows -> T {
-        lock.lock()
-        defer { lock.unlock() }
-        return try body()
+        try lock.with { _ in try body() }
     }
 
     /// Runs one case; never throws: every failure becomes a verdict.
@@ -129,16 +127,4 @@ func monotonicNs() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}
-
-/// A process-wide mutex (pthread), so that cases never overlap even when
-/// a test runner calls `run` from several threads.
-final class CaseLock: @unchecked Sendable {
-    private let m: UnsafeMutablePointer<pthread_mutex_t>
-    init() {
-        m = .allocate(capacity: 1)
-        pthread_mutex_init(m, nil)
-    }
-    func lock() { pthread_mutex_lock(m) }
-    func unlock() { pthread_mutex_unlock(m) }
 }

@@ -55,8 +55,9 @@ public final class Region {
 
     public func address(ofPage page: Int) -> UnsafeMutableRawPointer { base + page * pageSize }
 
-    public func fill(_ content: Content) {
-        content.materialize(into: UnsafeMutableRawBufferPointer(start: base, count: size))
+    public func fill(_ content: Content, range: Range<Int>? = nil) {
+        let r = range ?? 0..<size
+        content.materialize(into: UnsafeMutableRawBufferPointer(start: base + r.lowerBound, count: r.count), offset: r.lowerBound)
     }
 
     public func madvise(_ advice: Int32, name: String) throws {

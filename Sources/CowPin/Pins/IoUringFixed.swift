@@ -16,12 +16,7 @@ public struct IoUringFixedPin: PinMethod {
 
     public func pin(_ region: Region, in ctx: CaseContext) throws -> Pin {
         let ring = try IoUring(entries: 4)
-        let memlock = Probe.memlockLimit()
-        let r = cp_ring_register_buffer(ring.ring, region.base, region.size)
-        if r == -ENOMEM && !Probe.isRoot, let soft = memlock.soft, soft < UInt64(region.size) {
-            throw CaseSkip("RLIMIT_MEMLOCK (\(soft) bytes) is below the \(region.size)-byte buffer to register")
-        }
-        try check("io_uring_register_buffers(\(region.size) bytes)", r)
+        try ring.register(region)
         let pin = IoUringFixed(ring: ring, region: region, timeoutMs: ctx.timeoutMs)
         ctx.onCleanup { pin.release() }
         return pin
@@ -42,13 +37,26 @@ public final class IoUring {
 
     deinit { cp_ring_close(ring) }
 
+    /// IORING_REGISTER_BUFFERS of the whole region as buffer 0: a long-term
+    /// R/W pin. Skips when RLIMIT_MEMLOCK is too small (not root).
+    public func register(_ region: Region) throws {
+        let r = cp_ring_register_buffer(ring, region.base, region.size)
+        if r == -ENOMEM && !Probe.isRoot, let soft = Probe.memlockLimit().soft, soft < UInt64(region.size) {
+            throw CaseSkip("RLIMIT_MEMLOCK (\(soft) bytes) is below the \(region.size)-byte buffer to register")
+        }
+        try check("io_uring_register_buffers(\(region.size) bytes)", r)
+    }
+
     public enum Opcode: Int32 {
         case read = 0, write = 1, readFixed = 2, writeFixed = 3
         var name: String { ["IORING_OP_READ", "IORING_OP_WRITE", "IORING_OP_READ_FIXED", "IORING_OP_WRITE_FIXED"][Int(rawValue)] }
     }
 
-    public func submit(_ op: Opcode, fd: Int32, address: UnsafeMutableRawPointer, length: Int, offset: Int64, userData: UInt64) throws {
-        try check("io_uring submit \(op.name)", cp_ring_submit(ring, op.rawValue, fd, address, length, offset, userData))
+    /// Submits one request; `async` punts it to an io-wq worker (IOSQE_ASYNC)
+    /// so a request that blocks (a held FUSE request) never blocks the caller.
+    public func submit(_ op: Opcode, fd: Int32, address: UnsafeMutableRawPointer, length: Int, offset: Int64,
+                       userData: UInt64, async: Bool = false) throws {
+        try check("io_uring submit \(op.name)", cp_ring_submit(ring, op.rawValue, fd, address, length, offset, userData, async ? 1 : 0))
     }
 
     /// Waits (bounded) for one completion: (user data, result).

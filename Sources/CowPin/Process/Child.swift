@@ -31,9 +31,10 @@ public struct ChildProgram {
         add("wait for pipe", CP_OP_AWAIT, fd: pipe.readEnd, arg: timeoutMs ?? self.timeoutMs)
     }
 
-    /// Write `byte` over the whole region (the child's view of it).
-    public mutating func write(_ byte: UInt8, to region: Region) {
-        add("write 0x\(hex(byte))", CP_OP_FILL, addr: region.base, len: region.size, arg: Int64(byte))
+    /// Write `byte` over the region (or `range` of it), in the child's view.
+    public mutating func write(_ byte: UInt8, to region: Region, range: Range<Int>? = nil) {
+        let r = range ?? 0..<region.size
+        add("write 0x\(hex(byte))", CP_OP_FILL, addr: region.base + r.lowerBound, len: r.count, arg: Int64(byte))
     }
 
     /// Copy the child's view of the region into a shared buffer the parent can read.

@@ -1,0 +1,452 @@
+import CCowPin
+import Foundation
+import Glibc
+
+/// cowpin's own FUSE file system, served over the raw /dev/fuse protocol from
+/// a thread of this process. It has one file, `data`, opened with
+/// FOPEN_DIRECT_IO, whose content is a pattern of its own (`readData`).
+///
+/// The point is exact control over the two moments that matter for pins:
+/// - a READ can be held: the kernel keeps the reader's pages pinned until the
+///   case releases the request and the reply's data is copied into them;
+/// - the server can stop reading /dev/fuse (the gate): a WRITE request then
+///   sits queued with the writer's pages pinned, and the kernel copies the
+///   data out of those pages only when the gate opens and the server reads it.
+public final class FuseServer {
+    public static let fileName = "data"
+    public static let fileSize = 4 << 20
+    static let rootNode: UInt64 = 1
+    static let fileNode: UInt64 = 2
+    static let maxWrite = 1 << 20
+    static let mountPrefix = "cowpin-fuse-"
+
+    public let mountpoint: String
+    public var filePath: String { mountpoint + "/" + Self.fileName }
+    /// What READ returns at each file offset.
+    public let readData: Content
+    let timeoutMs: Int32
+    let devFD: Int32
+    let commands: OSPipe
+    let events: OSPipe
+    let state = Locked(State())
+    var thread: Thread?
+    var mounted = false
+
+    struct State {
+        var holdReads = false
+        var gateOpen = true
+        var heldRead: (unique: UInt64, offset: Int, size: Int)?
+        var writes: [(offset: Int, data: [UInt8])] = []
+        var failure: String?
+        /// Opcodes of the requests read so far, for diagnostics.
+        var seen: [UInt32] = []
+        /// How many had been read when the gate last closed.
+        var seenAtGate = 0
+    }
+
+    /// Events from the server thread.
+    enum Event: UInt8 {
+        case initialized = 0x69, readHeld = 0x72, writeReceived = 0x77, gateClosed = 0x67, exited = 0x78
+    }
+
+    /// Mounts a new instance on a private directory and starts serving.
+    public init(seed: UInt32, timeoutMs: Int32) throws {
+        self.timeoutMs = timeoutMs
+        readData = .pattern(seed: seed ^ 0x5EED_F00D, label: "the read data (from the FUSE server)")
+        Self.removeStale()
+        var template = Array("/tmp/\(Self.mountPrefix)\(getpid())-XXXXXX".utf8CString)
+        guard let dir = mkdtemp(&template) else { throw SyscallError("mkdtemp(/tmp)", errno: errno) }
+        mountpoint = String(cString: dir)
+        let fd = open("/dev/fuse", O_RDWR | O_CLOEXEC)
+        if fd < 0 {
+            let e = errno
+            rmdir(mountpoint)
+            throw SyscallError("open(/dev/fuse)", errno: e)
+        }
+        devFD = fd
+        commands = try OSPipe()
+        events = try OSPipe()
+        let options = "fd=\(fd),rootmode=40000,user_id=\(getuid()),group_id=\(getgid())"
+        if mount("cowpin", mountpoint, "fuse", UInt(MS_NOSUID | MS_NODEV), options) != 0 {
+            let e = errno
+            close(fd)
+            rmdir(mountpoint)
+            if e == EPERM { throw CaseSkip("mounting FUSE needs CAP_SYS_ADMIN (mount(2) returned EPERM)") }
+            throw SyscallError("mount(fuse, \(mountpoint))", errno: e)
+        }
+        mounted = true
+        let t = Thread { [self] in serve() }
+        t.name = "cowpin-fuse"
+        thread = t
+        t.start()
+    }
+
+    deinit { shutdown() }
+
+    // MARK: - control, from the case
+
+    /// Opens the file (O_DIRECT); the server answers LOOKUP and OPEN meanwhile.
+    /// Before returning, it makes the kernel stop sending FLUSH and POLL (both
+    /// answered ENOSYS once), so that during a hold the only request in the
+    /// queue is the case's READ or WRITE: io_uring polls a pollable file
+    /// before it writes, and every close() (a child's exit too) flushes.
+    public func openFile() throws -> Int32 {
+        let fd = open(filePath, O_RDWR | Int32(CP_O_DIRECT) | O_CLOEXEC)
+        guard fd >= 0 else { throw SyscallError("open(\(filePath), O_DIRECT)", errno: errno) }
+        var p = pollfd(fd: fd, events: Int16(POLLIN | POLLOUT), revents: 0)
+        _ = poll(&p, 1, timeoutMs)
+        // close() of a duplicate flushes without releasing the file (a RELEASE
+        // is sent asynchronously and could land in a later hold).
+        let other = dup(fd)
+        if other >= 0 { close(other) }
+        return fd
+    }
+
+    /// The next READ request is held until `releaseRead()`.
+    public func holdNextRead() { state.with { $0.holdReads = true } }
+
+    /// Waits (bounded) until a READ is held: the reader's pages are pinned now.
+    @discardableResult
+    public func awaitHeldRead() throws -> (offset: Int, size: Int) {
+        try awaitEvent(.readHeld, "a READ request")
+        guard let r = state.with({ $0.heldRead }) else { throw HarnessError("FUSE: no READ held") }
+        return (r.offset, r.size)
+    }
+
+    /// Answers the held READ with `readData`.
+    public func releaseRead() throws { try command(0x52) }
+
+    /// Stops reading /dev/fuse; returns once the server thread acknowledged it.
+    public func closeGate() throws {
+        state.with {
+            $0.gateOpen = false
+            $0.seenAtGate = $0.seen.count
+        }
+        try command(0x47)
+        try awaitEvent(.gateClosed, "the gate to close")
+    }
+
+    /// Waits (bounded) until a request is queued on /dev/fuse (the gate being
+    /// closed, nobody reads it): for a WRITE, the writer's pages are pinned.
+    public func awaitQueuedRequest() throws {
+        let r = cp_wait_readable(devFD, timeoutMs)
+        if r == -ETIMEDOUT { throw HarnessError("FUSE: no request queued within \(timeoutMs) ms") }
+        try check("poll(/dev/fuse)", r)
+    }
+
+    /// Lets the server read requests again.
+    public func openGate() throws {
+        state.with { $0.gateOpen = true }
+        try command(0x4F)
+    }
+
+    /// Waits (bounded) for the next WRITE; returns what the server received.
+    /// After a closed gate, the WRITE must be the first request read: else the
+    /// request that waited was another one, and the hold pinned nothing.
+    public func awaitWrite() throws -> (offset: Int, data: [UInt8]) {
+        try awaitEvent(.writeReceived, "a WRITE request")
+        let (seen, at) = state.with { ($0.seen, $0.seenAtGate) }
+        if at < seen.count, seen[at] != FUSE_WRITE.rawValue {
+            throw HarnessError("FUSE: the request held at the gate was \(Self.opcodeName(seen[at])), not the WRITE")
+        }
+        guard let w = state.with({ $0.writes.isEmpty ? nil : $0.writes.removeFirst() }) else {
+            throw HarnessError("FUSE: no WRITE recorded")
+        }
+        return w
+    }
+
+    /// Stops the server, aborts the connection (failing anything in flight),
+    /// unmounts and removes the directory. Idempotent.
+    public func shutdown() {
+        if let t = thread {
+            thread = nil
+            _ = try? command(0x51)
+            _ = try? awaitEvent(.exited, "the server thread to exit")
+            _ = t
+        }
+        if mounted {
+            abortConnection()
+            umount2(mountpoint, Int32(MNT_DETACH))
+            rmdir(mountpoint)
+            mounted = false
+            close(devFD)
+        }
+    }
+
+    /// Fails every request in flight: through fusectl when it is mounted.
+    /// (Closing the last /dev/fuse descriptor, in `shutdown`, does the same.)
+    /// Never stat()s the mount: with the server gone that would wait forever.
+    func abortConnection() {
+        guard let minor = Self.connectionMinor(mountpoint, mountinfo: readFile("/proc/self/mountinfo") ?? "") else { return }
+        writeFile("/sys/fs/fuse/connections/\(minor)/abort", "1")
+    }
+
+    /// The FUSE connection number (the mount's device minor) from mountinfo.
+    static func connectionMinor(_ mountpoint: String, mountinfo: String) -> Int? {
+        for line in mountinfo.split(separator: "\n") {
+            let f = line.split(separator: " ")
+            guard f.count > 4, f[4] == mountpoint else { continue }
+            return f[2].split(separator: ":").last.flatMap { Int($0) }
+        }
+        return nil
+    }
+
+    /// Removes mounts and directories left by cowpin processes that died.
+    public static func removeStale() {
+        let mountinfo = readFile("/proc/self/mountinfo") ?? ""
+        for line in mountinfo.split(separator: "\n") {
+            let f = line.split(separator: " ")
+            guard f.count > 4 else { continue }
+            let point = String(f[4])
+            if let pid = ownerPID(point), !alive(pid) {
+                umount2(point, Int32(MNT_DETACH))
+                rmdir(point)
+            }
+        }
+        for name in listDirectory("/tmp") {
+            let path = "/tmp/" + name
+            if let pid = ownerPID(path), !alive(pid) { rmdir(path) }
+        }
+    }
+
+    static func ownerPID(_ path: String) -> Int32? {
+        guard path.hasPrefix("/tmp/" + mountPrefix) else { return nil }
+        let rest = path.dropFirst(("/tmp/" + mountPrefix).count)
+        return rest.split(separator: "-").first.flatMap { Int32($0) }
+    }
+
+    static func alive(_ pid: Int32) -> Bool { kill(pid, 0) == 0 || errno != ESRCH }
+
+    func command(_ c: UInt8) throws {
+        var b = c
+        guard write(commands.writeEnd, &b, 1) == 1 else { throw SyscallError("write(server command)", errno: errno) }
+    }
+
+    func awaitEvent(_ e: Event, _ what: String) throws {
+        let deadline = monotonicNs() + UInt64(timeoutMs) * 1_000_000
+        while true {
+            let now = monotonicNs()
+            let left = now >= deadline ? 0 : Int32((deadline - now) / 1_000_000)
+            var v: UInt8 = 0
+            let r = cp_await_value(events.readEnd, left, &v)
+            if r == -ETIMEDOUT {
+                let seen = state.with { $0.seen }.map(Self.opcodeName).joined(separator: " ")
+                throw HarnessError("FUSE: waited \(timeoutMs) ms for \(what) (requests read so far: \(seen))")
+            }
+            try check("wait for the FUSE server", r)
+            if v == e.rawValue { return }
+            if v == Event.exited.rawValue {
+                throw HarnessError("FUSE server stopped: \(state.with { $0.failure } ?? "no reason")")
+            }
+        }
+    }
+
+    func notify(_ e: Event) {
+        var b = e.rawValue
+        _ = write(events.writeEnd, &b, 1)
+    }
+
+    // MARK: - the server thread
+
+    func serve() {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.maxWrite + 65536, alignment: 16)
+        defer {
+            buffer.deallocate()
+            notify(.exited)
+        }
+        while true {
+            let gateOpen = state.with { $0.gateOpen }
+            var fds = [pollfd(fd: commands.readEnd, events: Int16(POLLIN), revents: 0)]
+            if gateOpen { fds.append(pollfd(fd: devFD, events: Int16(POLLIN), revents: 0)) }
+            let r = poll(&fds, nfds_t(fds.count), -1)
+            if r < 0 {
+                if errno == EINTR { continue }
+                state.with { $0.failure = "poll: \(Errno.name(errno))" }
+                return
+            }
+            if fds[0].revents != 0 {
+                var c: UInt8 = 0
+                guard read(commands.readEnd, &c, 1) == 1 else { return }
+                switch c {
+                case 0x51: return // quit
+                case 0x47: notify(.gateClosed)
+                case 0x52: replyHeldRead()
+                default: break
+                }
+                continue // re-check the gate before reading /dev/fuse
+            }
+            if fds.count > 1 && fds[1].revents != 0 {
+                let n = read(devFD, buffer.baseAddress, buffer.count)
+                if n < 0 {
+                    if errno == EINTR || errno == ENOENT || errno == EAGAIN { continue }
+                    state.with { $0.failure = "read(/dev/fuse): \(Errno.name(errno))" }
+                    return
+                }
+                handle(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+            }
+        }
+    }
+
+    func handle(_ req: UnsafeRawBufferPointer) {
+        guard req.count >= MemoryLayout<fuse_in_header>.size else { return }
+        let h = req.loadUnaligned(as: fuse_in_header.self)
+        let body = UnsafeRawBufferPointer(rebasing: req[MemoryLayout<fuse_in_header>.size...])
+        state.with { $0.seen.append(h.opcode) }
+        switch h.opcode {
+        case FUSE_INIT.rawValue:
+            let i = body.loadUnaligned(as: fuse_init_in.self)
+            var o = fuse_init_out()
+            o.major = UInt32(FUSE_KERNEL_VERSION)
+            o.minor = min(i.minor, UInt32(FUSE_KERNEL_MINOR_VERSION))
+            o.max_readahead = i.max_readahead
+            o.max_write = UInt32(Self.maxWrite)
+            o.max_background = 16
+            o.congestion_threshold = 12
+            o.time_gran = 1
+            reply(h.unique, o)
+            notify(.initialized)
+        case FUSE_LOOKUP.rawValue:
+            let name = String(decoding: body.prefix { $0 != 0 }, as: UTF8.self)
+            guard h.nodeid == Self.rootNode, name == Self.fileName else { return replyError(h.unique, ENOENT) }
+            var o = fuse_entry_out()
+            o.nodeid = Self.fileNode
+            o.generation = 1
+            o.entry_valid = 3600
+            o.attr_valid = 3600
+            o.attr = attributes(Self.fileNode)
+            reply(h.unique, o)
+        case FUSE_GETATTR.rawValue:
+            guard h.nodeid == Self.rootNode || h.nodeid == Self.fileNode else { return replyError(h.unique, ENOENT) }
+            var o = fuse_attr_out()
+            o.attr_valid = 3600
+            o.attr = attributes(h.nodeid)
+            reply(h.unique, o)
+        case FUSE_OPEN.rawValue:
+            var o = fuse_open_out()
+            o.fh = 1
+            o.open_flags = UInt32(FOPEN_DIRECT_IO)
+            reply(h.unique, o)
+        case FUSE_READ.rawValue:
+            let i = body.loadUnaligned(as: fuse_read_in.self)
+            let hold = state.with { s -> Bool in
+                guard s.holdReads else { return false }
+                s.holdReads = false
+                s.heldRead = (h.unique, Int(i.offset), Int(i.size))
+                return true
+            }
+            if hold {
+                notify(.readHeld)
+            } else {
+                replyRead(h.unique, offset: Int(i.offset), size: Int(i.size))
+            }
+        case FUSE_WRITE.rawValue:
+            let i = body.loadUnaligned(as: fuse_write_in.self)
+            let dataStart = MemoryLayout<fuse_write_in>.size
+            let data = Array(body[dataStart..<min(body.count, dataStart + Int(i.size))])
+            state.with { $0.writes.append((Int(i.offset), data)) }
+            var o = fuse_write_out()
+            o.size = UInt32(data.count)
+            reply(h.unique, o)
+            notify(.writeReceived)
+        case FUSE_RELEASE.rawValue, FUSE_RELEASEDIR.rawValue:
+            replyEmpty(h.unique)
+        case FUSE_FORGET.rawValue, FUSE_BATCH_FORGET.rawValue, FUSE_INTERRUPT.rawValue:
+            break // no reply
+        case FUSE_DESTROY.rawValue:
+            replyEmpty(h.unique)
+        default:
+            // FLUSH included: ENOSYS makes the kernel stop sending it, so a
+            // child's exit (closing its copy of the file) never waits on us.
+            replyError(h.unique, ENOSYS)
+        }
+    }
+
+    static func opcodeName(_ op: UInt32) -> String {
+        let names: [UInt32: String] = [
+            FUSE_LOOKUP.rawValue: "LOOKUP", FUSE_FORGET.rawValue: "FORGET", FUSE_GETATTR.rawValue: "GETATTR",
+            FUSE_OPEN.rawValue: "OPEN", FUSE_READ.rawValue: "READ", FUSE_WRITE.rawValue: "WRITE",
+            FUSE_RELEASE.rawValue: "RELEASE", FUSE_FLUSH.rawValue: "FLUSH", FUSE_INIT.rawValue: "INIT",
+            FUSE_INTERRUPT.rawValue: "INTERRUPT", FUSE_DESTROY.rawValue: "DESTROY", FUSE_BATCH_FORGET.rawValue: "BATCH_FORGET",
+        ]
+        return names[op] ?? "op\(op)"
+    }
+
+    func attributes(_ node: UInt64) -> fuse_attr {
+        var a = fuse_attr()
+        a.ino = node
+        if node == Self.rootNode {
+            a.mode = 0o040755 // S_IFDIR | 0755
+            a.nlink = 2
+        } else {
+            a.mode = 0o100644 // S_IFREG | 0644
+            a.nlink = 1
+            a.size = UInt64(Self.fileSize)
+            a.blocks = UInt64(Self.fileSize / 512)
+        }
+        a.uid = getuid()
+        a.gid = getgid()
+        a.blksize = 4096
+        return a
+    }
+
+    func replyHeldRead() {
+        guard let r = state.with({ s -> (unique: UInt64, offset: Int, size: Int)? in
+            defer { s.heldRead = nil }
+            return s.heldRead
+        }) else { return }
+        replyRead(r.unique, offset: r.offset, size: r.size)
+    }
+
+    func replyRead(_ unique: UInt64, offset: Int, size: Int) {
+        let n = max(0, min(size, Self.fileSize - offset))
+        let data = UnsafeMutableRawBufferPointer.allocate(byteCount: max(n, 1), alignment: 8)
+        defer { data.deallocate() }
+        readData.materialize(into: UnsafeMutableRawBufferPointer(rebasing: data[0..<n]), offset: offset)
+        send(unique, error: 0, UnsafeRawBufferPointer(rebasing: data[0..<n]))
+    }
+
+    func reply<T>(_ unique: UInt64, _ value: T) {
+        var v = value
+        withUnsafeBytes(of: &v) { send(unique, error: 0, $0) }
+    }
+
+    func replyEmpty(_ unique: UInt64) { send(unique, error: 0, UnsafeRawBufferPointer(start: nil, count: 0)) }
+
+    func replyError(_ unique: UInt64, _ err: Int32) { send(unique, error: -err, UnsafeRawBufferPointer(start: nil, count: 0)) }
+
+    func send(_ unique: UInt64, error: Int32, _ payload: UnsafeRawBufferPointer) {
+        var h = fuse_out_header()
+        h.len = UInt32(MemoryLayout<fuse_out_header>.size + payload.count)
+        h.error = error
+        h.unique = unique
+        var iov = [iovec](repeating: iovec(), count: 2)
+        withUnsafeMutableBytes(of: &h) { hb in
+            iov[0] = iovec(iov_base: hb.baseAddress, iov_len: hb.count)
+            iov[1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: payload.baseAddress), iov_len: payload.count)
+            _ = writev(devFD, iov, payload.count > 0 ? 2 : 1)
+        }
+    }
+}
+
+/// A value behind a pthread mutex.
+final class Locked<Value>: @unchecked Sendable {
+    private let m: UnsafeMutablePointer<pthread_mutex_t>
+    private var value: Value
+
+    init(_ value: Value) {
+        self.value = value
+        m = .allocate(capacity: 1)
+        pthread_mutex_init(m, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(m)
+        m.deallocate()
+    }
+
+    func with<T>(_ body: (inout Value) throws -> T) rethrows -> T {
+        pthread_mutex_lock(m)
+        defer { pthread_mutex_unlock(m) }
+        return try body(&value)
+    }
+}

@@ -1,6 +1,6 @@
 import ArgumentParser
 import CowPin
-import Foundation
+import Glibc
 
 @main
 struct CowPinCommand: ParsableCommand {
@@ -25,11 +25,11 @@ struct CowPinCommand: ParsableCommand {
             let code = exitCode(for: error)
             if code == .success {
                 print(fullMessage(for: error))
-                Foundation.exit(0)
+                Glibc.exit(0)
             }
-            if let e = error as? ExitCode { Foundation.exit(e.rawValue) }
-            FileHandle.standardError.write(Data("cowpin: \(fullMessage(for: error))\n".utf8))
-            Foundation.exit(2)
+            if let e = error as? ExitCode { Glibc.exit(e.rawValue) }
+            fputs("cowpin: \(fullMessage(for: error))\n", stderr)
+            Glibc.exit(2)
         }
     }
 }
@@ -89,12 +89,12 @@ struct Run: ParsableCommand {
         }
         let reporter: Reporter = format == .json ? JSONReporter(write: out)
                                                  : KTAPReporter(timing: timing, repeatCount: repeatCount, write: out)
-        let start = Date()
+        let start = monotonicNs()
         let totals = runner.run(cases, reporter: reporter)
         if timing {
-            let ms = Date().timeIntervalSince(start) * 1000
-            let line = String(format: "total: %.1f ms for %d case run(s)", ms, totals.total)
-            if format == .ktap { out("# \(line)") } else { FileHandle.standardError.write(Data("\(line)\n".utf8)) }
+            let tenths = (monotonicNs() - start + 50_000) / 100_000
+            let line = "total: \(tenths / 10).\(tenths % 10) ms for \(totals.total) case run(s)"
+            if format == .ktap { out("# \(line)") } else { fputs(line + "\n", stderr) }
         }
         throw ExitCode(totals.exitCode)
     }

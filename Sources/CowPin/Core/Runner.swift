@@ -123,7 +123,8 @@ public final class Runner {
     }
 }
 
-func monotonicNs() -> UInt64 {
+/// CLOCK_MONOTONIC in nanoseconds.
+public func monotonicNs() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)

@@ -1,5 +1,4 @@
 import CCowPin
-import Foundation
 import Glibc
 
 /// One I/O in flight, submitted so that the submitter does not block: the
@@ -56,15 +55,13 @@ final class ThreadIO: InFlightIO {
         let signal = done.writeEnd
         let result = self.result
         let addressBits = UInt(bitPattern: address)
-        let t = Thread {
+        startThread {
             var iov = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: addressBits), iov_len: length)
             let n = write ? pwritev(fd, &iov, 1, 0) : preadv(fd, &iov, 1, 0)
             let r = n < 0 ? -Int(errno) : n
             result.with { $0 = r }
             cp_signal(signal)
         }
-        t.name = "cowpin-io"
-        t.start()
     }
 
     func complete(timeoutMs: Int32) throws -> Int {

@@ -1,5 +1,4 @@
 import CCowPin
-import Foundation
 import Glibc
 
 /// cowpin's own FUSE file system, served over the raw /dev/fuse protocol from
@@ -29,7 +28,7 @@ public final class FuseServer {
     let commands: OSPipe
     let events: OSPipe
     let state = Locked(State())
-    var thread: Thread?
+    var serving = false
     var mounted = false
 
     struct State {
@@ -75,10 +74,8 @@ public final class FuseServer {
             throw SyscallError("mount(fuse, \(mountpoint))", errno: e)
         }
         mounted = true
-        let t = Thread { [self] in serve() }
-        t.name = "cowpin-fuse"
-        thread = t
-        t.start()
+        serving = true
+        startThread { [self] in serve() }
     }
 
     deinit { shutdown() }
@@ -158,11 +155,10 @@ public final class FuseServer {
     /// Stops the server, aborts the connection (failing anything in flight),
     /// unmounts and removes the directory. Idempotent.
     public func shutdown() {
-        if let t = thread {
-            thread = nil
+        if serving {
+            serving = false
             _ = try? command(0x51)
             _ = try? awaitEvent(.exited, "the server thread to exit")
-            _ = t
         }
         if mounted {
             abortConnection()
@@ -449,4 +445,18 @@ final class Locked<Value>: @unchecked Sendable {
         defer { pthread_mutex_unlock(m) }
         return try body(&value)
     }
+}
+
+/// Runs `body` on a new detached thread (pthread; no Foundation).
+func startThread(_ body: @escaping () -> Void) {
+    final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
+    let box = Unmanaged.passRetained(Box(body)).toOpaque()
+    var t = pthread_t()
+    let r = pthread_create(&t, nil, { arg in
+        let b = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue() as! Box
+        b.body()
+        return nil
+    }, box)
+    precondition(r == 0, "pthread_create failed: \(r)")
+    pthread_detach(t)
 }

@@ -1,5 +1,4 @@
 import CCowPin
-import Foundation
 import Glibc
 
 /// What the running kernel offers cowpin, read from /proc, /sys and a few syscalls.
@@ -140,7 +139,7 @@ public struct Probe: Codable, Sendable, Equatable {
     }
 
     static func trimmed(_ path: String) -> String? {
-        readFile(path).map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+        readFile(path).map { $0.trimmed }
     }
 
     static func probeIoUring() -> IoUringInfo {
@@ -203,14 +202,15 @@ public struct Probe: Codable, Sendable, Equatable {
         if access(GupTestPin.path, F_OK) == 0 {
             return Feature(available: true, detail: "\(GupTestPin.path) present")
         }
+        let mounts = readFile("/proc/mounts") ?? ""
+        if ProbeParsing.isMounted(mounts, type: "debugfs", at: "/sys/kernel/debug") {
+            return Feature(available: false, detail: "gup_test unavailable: kernel built without CONFIG_GUP_TEST (debugfs has no gup_test)")
+        }
+        // debugfs is not mounted: the build configuration tells whether mounting it would help.
         if let config = KernelConfig.current(), config.values["CONFIG_GUP_TEST"] == nil {
             return Feature(available: false, detail: "gup_test unavailable: CONFIG_GUP_TEST is not set (\(config.source))")
         }
-        let mounts = readFile("/proc/mounts") ?? ""
-        if !ProbeParsing.isMounted(mounts, type: "debugfs", at: "/sys/kernel/debug") {
-            return Feature(available: false, detail: "gup_test unavailable: debugfs is not mounted on /sys/kernel/debug")
-        }
-        return Feature(available: false, detail: "gup_test unavailable: kernel built without CONFIG_GUP_TEST (no \(GupTestPin.path))")
+        return Feature(available: false, detail: "gup_test unavailable: debugfs is not mounted on /sys/kernel/debug")
     }
 }
 
@@ -242,7 +242,7 @@ public enum ProbeParsing {
     /// CapEff from /proc/PID/status.
     public static func capEff(_ status: String) -> UInt64? {
         for line in status.split(separator: "\n") where line.hasPrefix("CapEff:") {
-            return UInt64(line.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16)
+            return UInt64(String(line.dropFirst("CapEff:".count)).trimmed, radix: 16)
         }
         return nil
     }
@@ -258,7 +258,7 @@ public enum ProbeParsing {
 
     /// File system names in /proc/filesystems ("nodev\tfuse" -> "fuse").
     public static func filesystems(_ text: String) -> Set<String> {
-        Set(text.split(separator: "\n").compactMap { $0.split(separator: "\t").last.map { String($0).trimmingCharacters(in: .whitespaces) } })
+        Set(text.split(separator: "\n").compactMap { $0.split(separator: "\t").last.map { String($0).trimmed } })
     }
 
     /// Whether /proc/mounts lists a file system of `type` mounted at `path`.
@@ -296,5 +296,14 @@ public struct KernelConfig: Sendable {
             out[String(line[..<eq])] = String(line[line.index(after: eq)...])
         }
         return out
+    }
+}
+
+extension String {
+    /// Without leading and trailing white space.
+    var trimmed: String {
+        let isSpace: (Character) -> Bool = { $0 == " " || $0 == "\t" || $0 == "\n" || $0 == "\r" }
+        guard let first = firstIndex(where: { !isSpace($0) }), let last = lastIndex(where: { !isSpace($0) }) else { return "" }
+        return String(self[first...last])
     }
 }

@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// One JSON document at the end of the run: kernel, results with evidence, totals.
 public final class JSONReporter: Reporter {

@@ -1,6 +1,11 @@
 import ArgumentParser
 import CowPin
 import Glibc
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 @main
 struct CowPinCommand: ParsableCommand {
@@ -12,7 +17,7 @@ struct CowPinCommand: ParsableCommand {
             4 every selected case skipped.
             """,
         version: Catalog.version,
-        subcommands: [Run.self, List.self, Probe.self, Explain.self],
+        subcommands: [Run.self, List.self, Probe.self, Explain.self, MatrixCommand.self],
         defaultSubcommand: Run.self
     )
 
@@ -177,5 +182,81 @@ struct Explain: ParsableCommand {
         print("  (the evidence names the view, the byte ranges, and whose data is there); skip = cannot run here, with the reason;")
         print("  error = the harness failed, not a finding about the kernel.")
         if let k = c.scenario.knownIssue { print("  known unfixed upstream: \(k.reason) [\(k.reference)]") }
+    }
+}
+
+struct MatrixCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "matrix",
+        abstract: "Tabulate `cowpin run --format json` results of several kernels against upstream history.",
+        discussion: """
+            Each RESULT is LABEL=FILE (or FILE, labelled by its kernel release). A cell is expected, \
+            a regression (decoherent where history says fixed), newly fixed (coherent where history says broken), \
+            skip, error or missing. Exit status: 0, or 1 with --check when a cell is a regression, newly fixed or error, \
+            or when a case matched by --require-ran was not run.
+            """)
+
+    @Option(help: ArgumentHelp("The expected-verdict file.", valueName: "path"))
+    var expected = "data/expected-verdicts.json"
+
+    @Option(help: ArgumentHelp("Write the table as Markdown here (default: standard output).", valueName: "path"))
+    var markdown: String?
+
+    @Option(help: ArgumentHelp("Write the table as JSON here.", valueName: "path"))
+    var json: String?
+
+    @Flag(help: "Fail (exit 1) on a regression, a newly fixed case or an error.")
+    var check = false
+
+    @Option(name: .customLong("require-ran"), help: ArgumentHelp("With --check: cases matching this glob must have run (repeatable).", valueName: "glob"))
+    var requireRan: [String] = []
+
+    @Argument(help: ArgumentHelp("Results: LABEL=FILE or FILE.", valueName: "result"))
+    var results: [String]
+
+    func validate() throws {
+        guard !results.isEmpty else { throw ValidationError("give at least one result file") }
+    }
+
+    func run() throws {
+        let history: ExpectedVerdicts
+        do { history = try ExpectedVerdicts.load(expected) } catch { throw ValidationError("\(error)") }
+        var runs: [(label: String, doc: JSONReporter.Document)] = []
+        for r in results {
+            let (label, path) = r.contains("=") && !r.hasPrefix("/")
+                ? (String(r.split(separator: "=", maxSplits: 1)[0]), String(r.split(separator: "=", maxSplits: 1)[1]))
+                : ("", r)
+            guard let bytes = readBytes(path) else { throw ValidationError("cannot read result file \(path)") }
+            let doc: JSONReporter.Document
+            do { doc = try JSONDecoder().decode(JSONReporter.Document.self, from: Data(bytes)) } catch {
+                throw ValidationError("\(path) is not `cowpin run --format json` output: \(error)")
+            }
+            runs.append((label.isEmpty ? doc.kernel.release : label, doc))
+        }
+        let m = Matrix(expected: history, runs: runs)
+        if let markdown { try write(m.markdown + "\n", to: markdown) } else { print(m.markdown) }
+        if let json { try write(JSONReporter.encode(m) + "\n", to: json) }
+        guard check else { return }
+        var failures: [String] = []
+        for (i, c) in m.columns.enumerated() {
+            for row in m.rows where [.regression, .newlyFixed, .error].contains(row.cells[i].mark) {
+                failures.append("\(c.label): \(row.id) is \(row.cells[i].verdict?.rawValue ?? "?") (\(row.cells[i].mark.rawValue))")
+            }
+            for g in requireRan {
+                let matching = m.rows.filter { Selection.glob(g, $0.id) }
+                if matching.isEmpty { failures.append("\(c.label): no result matches \(g)") }
+                for row in matching where [.skip, .missing].contains(row.cells[i].mark) {
+                    failures.append("\(c.label): \(row.id) did not run (\(row.cells[i].reason ?? row.cells[i].mark.rawValue))")
+                }
+            }
+        }
+        for f in failures { fputs("matrix: \(f)\n", stderr) }
+        if !failures.isEmpty { throw ExitCode(1) }
+    }
+
+    func write(_ text: String, to path: String) throws {
+        guard let f = fopen(path, "w") else { throw ValidationError("cannot write \(path)") }
+        fputs(text, f)
+        fclose(f)
     }
 }

@@ -32,7 +32,7 @@ public struct Selection: Sendable, Equatable {
         public var description: String
     }
 
-    static func glob(_ pattern: String, _ id: String) -> Bool { fnmatch(pattern, id, 0) == 0 }
+    public static func glob(_ pattern: String, _ id: String) -> Bool { fnmatch(pattern, id, 0) == 0 }
 
     /// The selected cases, in catalog order. A filter or tag that matches no
     /// case is a usage error (a typo must not silently run nothing).

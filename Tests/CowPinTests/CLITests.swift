@@ -15,18 +15,45 @@ struct CLITests {
         return exe.deletingLastPathComponent().appendingPathComponent("cowpin")
     }
 
-    static func cowpin(_ args: String...) throws -> Output {
-        let p = Process()
-        p.executableURL = binary
-        p.arguments = args
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return Output(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    static func cowpin(_ args: String...) throws -> Output { try run(args) }
+
+    /// posix_spawn()s the binary and collects its output; bounded (kills after 300 s).
+    static func run(_ args: [String]) throws -> Output {
+        var outPipe: [Int32] = [-1, -1], errPipe: [Int32] = [-1, -1]
+        guard pipe(&outPipe) == 0, pipe(&errPipe) == 0 else { throw CaseSkip("pipe failed") }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
+        posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+        for fd in outPipe + errPipe { posix_spawn_file_actions_addclose(&actions, fd) }
+        let argv = ([binary.path] + args).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid: pid_t = 0
+        let r = posix_spawn(&pid, binary.path, &actions, nil, argv, environ)
+        close(outPipe[1])
+        close(errPipe[1])
+        guard r == 0 else { throw CaseSkip("posix_spawn \(binary.path): \(r)") }
+        var out = [UInt8](), err = [UInt8]()
+        var fds = [pollfd(fd: outPipe[0], events: Int16(POLLIN), revents: 0), pollfd(fd: errPipe[0], events: Int16(POLLIN), revents: 0)]
+        let deadline = ContinuousClock.now + .seconds(300)
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while fds.contains(where: { $0.fd >= 0 }) && ContinuousClock.now < deadline {
+            guard poll(&fds, 2, 1000) >= 0 || errno == EINTR else { break }
+            for i in 0..<2 where fds[i].fd >= 0 && fds[i].revents != 0 {
+                let n = read(fds[i].fd, &buf, buf.count)
+                if n <= 0 {
+                    close(fds[i].fd)
+                    fds[i].fd = -1
+                } else if i == 0 { out += buf[0..<n] } else { err += buf[0..<n] }
+            }
+        }
+        for f in fds where f.fd >= 0 { close(f.fd) }
+        if ContinuousClock.now >= deadline { kill(pid, SIGKILL) }
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        let code = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        return Output(status: code, stdout: String(decoding: out, as: UTF8.self), stderr: String(decoding: err, as: UTF8.self))
     }
 
     @Test func executableIsBuilt() {
@@ -45,17 +72,9 @@ struct CLITests {
         (["frobnicate", "--now"], "--now"),
     ])
     func badInput(_ args: [String], _ message: String) throws {
-        let p = Process()
-        p.executableURL = Self.binary
-        p.arguments = args
-        let err = Pipe()
-        p.standardError = err
-        p.standardOutput = Pipe()
-        try p.run()
-        let e = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 2)
-        #expect(e.contains(message), "stderr: \(e)")
+        let o = try Self.run(args)
+        #expect(o.status == 2)
+        #expect(o.stderr.contains(message), "stderr: \(o.stderr)")
     }
 
     @Test func helpExitsZero() throws {

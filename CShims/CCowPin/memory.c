@@ -38,6 +38,12 @@ int cp_munmap(void *addr, size_t len) { return munmap(addr, len) ? -errno : 0; }
 int cp_mprotect(void *addr, size_t len, int prot) { return mprotect(addr, len, prot) ? -errno : 0; }
 int cp_madvise(void *addr, size_t len, int advice) { return madvise(addr, len, advice) ? -errno : 0; }
 
+void cp_touch_read(const void *addr, size_t len, size_t page_size)
+{
+    for (size_t i = 0; i < len; i += page_size)
+        (void)*(const volatile uint8_t *)((const uint8_t *)addr + i);
+}
+
 /* One 64-bit word of the pattern: a mix of the seed and the word's index. */
 static uint64_t pattern_word(uint32_t seed, uint64_t word_index)
 {

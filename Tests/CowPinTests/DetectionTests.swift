@@ -22,7 +22,7 @@ struct DetectionTests {
         try ctx.region.madvise(Int32(CP_MADV_DONTNEED), name: "MADV_DONTNEED")
         ctx.parentWrites()
         ctx.notePages("after the write")
-        ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: "the pin kept the dropped page")
+        try ctx.expect(p, holds: ctx.parentWrite, meaning: "the pin kept the dropped page")
     }
 
     @Test("a pin that lost its page is decoherent, with evidence", arguments: ["anon-page", "thp-pmd"])

@@ -52,6 +52,8 @@ enum {
     CP_MADV_COLLAPSE = 25,
 };
 
+/* Read one byte of every page (a read fault: maps the zeropage or pagecache). */
+void cp_touch_read(const void *addr, size_t len, size_t page_size);
 /* Fill [addr, addr+len) with cowpin's position-dependent pattern for seed. */
 void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset);
 /* Byte `offset` of the pattern for seed (what cp_fill_pattern writes there). */
@@ -193,6 +195,23 @@ int cp_gup_pin_longterm_start(int fd, void *addr, size_t len, int write, int fas
 /* PIN_LONGTERM_TEST_READ: copy what the pinned pages hold into dst. */
 int cp_gup_pin_longterm_read(int fd, void *dst);
 int cp_gup_pin_longterm_stop(int fd);
+
+/* ---- VFIO (type1 IOMMU) ------------------------------------------------------ */
+
+/* /dev/vfio/vfio with API version and type1 support checked: fd or -errno. */
+int cp_vfio_open_container(void);
+/* Opens a group, checks it is viable, adds it to the container and sets the
+ * type1 IOMMU (v2 when offered): group fd or -errno. */
+int cp_vfio_open_group(int container, const char *path);
+int cp_vfio_device_fd(int group, const char *bdf);
+/* Offset (in the device fd) and size of region `index` (BAR0 = 0, config = 7). */
+int cp_vfio_region(int device, uint32_t index, uint64_t *offset, uint64_t *size);
+/* VFIO_IOMMU_MAP_DMA: the device may read [vaddr, vaddr+size) at iova, and
+ * write it too when writable. This is the long-term pin. */
+int cp_vfio_map_dma(int container, void *vaddr, uint64_t iova, uint64_t size, int writable);
+int cp_vfio_unmap_dma(int container, uint64_t iova, uint64_t size);
+
+enum { CP_VFIO_BAR0 = 0, CP_VFIO_CONFIG = 7 };
 
 /* ---- misc ---------------------------------------------------------------- */
 

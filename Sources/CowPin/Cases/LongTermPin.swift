@@ -15,10 +15,11 @@ public enum LongTermPinCases {
 
     public static func scenarios(for pin: PinMethod) -> [Scenario] {
         func scenario(_ event: String, _ summary: String, _ steps: [String], tags: [String],
+                      backings: [Backing] = Backing.standard,
                       _ body: @escaping @Sendable (CaseContext, Region) throws -> Void) -> Scenario {
             Scenario(
                 id: "\(pin.id)/\(event)", summary: "\(pin.summary): \(summary)", steps: steps,
-                tags: [pin.id, "longterm-pin", pin.readOnly ? "ro-pin" : "rw-pin"] + tags,
+                tags: [pin.id, "longterm-pin", pin.readOnly ? "ro-pin" : "rw-pin"] + tags, backings: backings,
                 requires: { pin.unavailable($0) },
                 body: { ctx in try body(ctx, ctx.region) })
         }
@@ -29,7 +30,7 @@ public enum LongTermPinCases {
                 let p = try pinned(pin, ctx)
                 ctx.parentWrites()
                 ctx.notePages("after the write")
-                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+                try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
             },
             scenario("fork-parent-writes", "pin, fork() with the child alive, the parent writes",
                      ["pin the region", "fork(); the child stays alive", "the parent writes 0xff",
@@ -45,7 +46,7 @@ public enum LongTermPinCases {
                 ctx.parentWrites()
                 ctx.notePages("after the parent's write")
                 ctx.notePages("after the parent's write", child: child)
-                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+                try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
                 try child.resume()
                 try child.finish()
                 ctx.expect("child mapping", holds: ctx.original, seen: report.bytes,
@@ -63,8 +64,7 @@ public enum LongTermPinCases {
                 try child.awaitCheckpoint()
                 ctx.notePages("after the child's write")
                 ctx.notePages("after the child's write", child: child)
-                ctx.expect(p.view, holds: ctx.original, seen: try p.read(),
-                           meaning: "the child's write reached the pinned page: data leaks from the child to the device")
+                try ctx.expect(p, holds: ctx.original, meaning: "the child's write reached the pinned page: data leaks from the child to the device")
                 ctx.expectParent(holds: ctx.original, meaning: "the child's write reached the parent's mapping")
                 try child.resume()
                 try child.finish()
@@ -84,7 +84,7 @@ public enum LongTermPinCases {
                 let p = try pinned(pin, ctx)
                 ctx.parentWrites()
                 ctx.notePages("after the parent's write")
-                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+                try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
                 try child.resume()
                 try child.finish()
                 ctx.expect("child mapping", holds: ctx.original, seen: report.bytes,
@@ -99,7 +99,7 @@ public enum LongTermPinCases {
                 let p = try pinned(pin, ctx)
                 ctx.parentWrites()
                 ctx.notePages("after the write")
-                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+                try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
             },
             scenario("mprotect-cycle-write", "pin, mprotect(PROT_READ) then PROT_READ|PROT_WRITE, write",
                      ["pin the region", "mprotect(PROT_READ), then mprotect(PROT_READ|PROT_WRITE)",
@@ -110,9 +110,28 @@ public enum LongTermPinCases {
                 try region.mprotect(Int32(CP_PROT_READ_WRITE))
                 ctx.parentWrites()
                 ctx.notePages("after the write")
-                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+                try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
             },
         ]
+        list.append(scenario("unpopulated-write", "pin memory never written (unpopulated or the zeropage), then write",
+                             ["map memory and do not write it (never touched, or read: the zeropage is mapped)",
+                              "pin the region", "the parent writes 0xff", "read through the pin: must show the write"],
+                             tags: ["zeropage"], backings: [.anonUnpopulated, .anonZeropage, .thpZeropage]) { ctx, region in
+            let p = try pinned(pin, ctx)
+            ctx.parentWrites()
+            ctx.notePages("after the write")
+            try ctx.expect(p, holds: ctx.parentWrite, meaning: "the pin still holds the zeropage (or another page) the process no longer maps: a device reads zeroes, not the data")
+        })
+        list.append(scenario("pagecache-write", "pin a file page in a MAP_PRIVATE mapping before its first write, then write",
+                             ["map a memfd page MAP_PRIVATE and read it (the pagecache page is mapped)",
+                              "pin the region", "the parent writes 0xff (COW: an anonymous copy)",
+                              "read through the pin: must show the write"],
+                             tags: ["pagecache"], backings: [.memfdPrivate]) { ctx, region in
+            let p = try pinned(pin, ctx)
+            ctx.parentWrites()
+            ctx.notePages("after the write")
+            try ctx.expect(p, holds: ctx.parentWrite, meaning: "the pin still holds the pagecache page while the process writes its private copy: a device reads the file, not the data")
+        })
         if pin.readOnly {
             list.append(scenario("pin-ro-exclusive", "R/O pin of an exclusive page mapped R/O, then write",
                                  ["mprotect(PROT_READ)", "pin the region (R/O)", "mprotect(PROT_READ|PROT_WRITE)",
@@ -123,7 +142,7 @@ public enum LongTermPinCases {
                 try region.mprotect(Int32(CP_PROT_READ_WRITE))
                 ctx.parentWrites()
                 ctx.notePages("after the write")
-                ctx.expect(p.view, holds: ctx.parentWrite, seen: try p.read(), meaning: staleMeaning)
+                try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
             })
         }
         return list

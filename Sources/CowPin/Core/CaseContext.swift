@@ -5,8 +5,9 @@ public final class CaseContext {
     public let probe: Probe
     /// Bound for every wait in the case (ms).
     public let timeoutMs: Int32
-    /// The case's initial content.
-    public let original: Content
+    /// The case's initial content (a backing that cannot hold it, like the
+    /// zeropage, sets what it holds instead).
+    public internal(set) var original: Content
     public let parentWrite = Content.written(0xFF, by: "the parent")
     public let childWrite = Content.written(0xCC, by: "the child")
     /// The memory under test, filled with `original` by the backing.
@@ -52,11 +53,17 @@ public final class CaseContext {
     }
 
     /// Records a finding when `seen` does not hold `expected`.
-    public func expect(_ view: String, holds expected: Layout, seen: UnsafeRawBufferPointer, meaning: String) {
+    public func expect(_ view: String, holds expected: Layout, seen: UnsafeRawBufferPointer, at offset: Int = 0, meaning: String) {
         if let f = Comparison.compare(view: view, seen: seen, expected: expected, candidates: candidates,
-                                      meaning: meaning, pageSize: region.pageSize) {
+                                      meaning: meaning, pageSize: region.pageSize, offset: offset) {
             findings.append(f)
         }
+    }
+
+    /// What the pin sees (its observed range) must hold `expected`.
+    public func expect(_ pin: Pin, holds expected: Content, meaning: String) throws {
+        let seen = try pin.read()
+        seen.withUnsafeBytes { expect(pin.view, holds: Layout(expected), seen: $0, at: pin.observed.lowerBound, meaning: meaning) }
     }
 
     public func expect(_ view: String, holds expected: Content, seen: UnsafeRawBufferPointer, meaning: String) {

@@ -5,7 +5,9 @@ public enum Catalog {
     public static let version = "0.1.0"
 
     /// The long-term pin methods; each runs every long-term pin event that fits it.
-    public static let pins: [PinMethod] = [IoUringFixedPin(), GupTestPin(fast: false), GupTestPin(fast: true)]
+    public static let pins: [PinMethod] = [
+        IoUringFixedPin(), GupTestPin(fast: false), GupTestPin(fast: true), VFIOPin(writable: false), VFIOPin(writable: true),
+    ]
 
     public static let scenarios: [Scenario] =
         PlainCOWCases.scenarios + VmspliceCases.scenarios + pins.flatMap(LongTermPinCases.scenarios(for:))

@@ -90,21 +90,24 @@ public struct Layout: Equatable, Sendable, CustomStringConvertible {
         return parts.joined(separator: ", ") + ", \(base.label) elsewhere"
     }
 
-    public func materialize(into buffer: UnsafeMutableRawBufferPointer) {
-        base.materialize(into: buffer)
+    /// Writes what [offset, offset + buffer.count) of the region should hold.
+    public func materialize(into buffer: UnsafeMutableRawBufferPointer, offset: Int = 0) {
+        base.materialize(into: buffer, offset: offset)
         for o in overlays {
-            let r = o.range.clamped(to: 0..<buffer.count)
+            let r = o.range.clamped(to: offset..<(offset + buffer.count))
             guard !r.isEmpty else { continue }
-            o.content.materialize(into: UnsafeMutableRawBufferPointer(rebasing: buffer[r]), offset: r.lowerBound)
+            let local = (r.lowerBound - offset)..<(r.upperBound - offset)
+            o.content.materialize(into: UnsafeMutableRawBufferPointer(rebasing: buffer[local]), offset: r.lowerBound)
         }
     }
 
-    public func matches(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        if overlays.isEmpty { return base.matches(bytes, offset: 0) }
+    /// Whether `bytes`, found at `offset` in the region, hold this layout.
+    public func matches(_ bytes: UnsafeRawBufferPointer, offset: Int = 0) -> Bool {
+        if overlays.isEmpty { return base.matches(bytes, offset: offset) }
         let want = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 8)
         defer { want.deallocate() }
         let w = UnsafeMutableRawBufferPointer(rebasing: want[0..<bytes.count])
-        materialize(into: w)
+        materialize(into: w, offset: offset)
         return bytes.elementsEqual(UnsafeRawBufferPointer(w))
     }
 }
@@ -133,15 +136,17 @@ public enum Comparison {
         compare(view: view, seen: seen, expected: Layout(expected), candidates: candidates, meaning: meaning, pageSize: pageSize)
     }
 
+    /// `seen` is what the view holds at [offset, offset + seen.count) of the region
+    /// (offset page-aligned); ranges and pages in the finding are region offsets.
     public static func compare(
         view: String, seen: UnsafeRawBufferPointer, expected: Layout,
-        candidates: [Content], meaning: String, pageSize: Int
+        candidates: [Content], meaning: String, pageSize: Int, offset base: Int = 0
     ) -> Finding? {
         let n = seen.count
-        if expected.matches(seen) { return nil }
+        if expected.matches(seen, offset: base) { return nil }
         let want = UnsafeMutableRawBufferPointer.allocate(byteCount: max(n, 1), alignment: 8)
         defer { want.deallocate() }
-        expected.materialize(into: UnsafeMutableRawBufferPointer(rebasing: want[0..<n]))
+        expected.materialize(into: UnsafeMutableRawBufferPointer(rebasing: want[0..<n]), offset: base)
         let maxRanges = Finding.maxRanges
         var raw = [cp_range](repeating: cp_range(), count: maxRanges)
         let total = raw.withUnsafeMutableBufferPointer { out in
@@ -154,10 +159,10 @@ public enum Comparison {
             let off = Int(r.offset), len = Int(r.length)
             let slice = UnsafeRawBufferPointer(rebasing: seen[off..<(off + len)])
             let shown = min(len, shownBytes)
-            let who = candidates.first { $0.matches(slice, offset: off) }?.label ?? "unrecognised"
+            let who = candidates.first { $0.matches(slice, offset: base + off) }?.label ?? "unrecognised"
             return DiffRange(
-                offset: off, length: len,
-                firstPage: off / pageSize, lastPage: (off + len - 1) / pageSize,
+                offset: base + off, length: len,
+                firstPage: (base + off) / pageSize, lastPage: (base + off + len - 1) / pageSize,
                 expectedBytes: hexBytes(UnsafeRawBufferPointer(rebasing: w[off..<(off + shown)])),
                 seenBytes: hexBytes(UnsafeRawBufferPointer(rebasing: seen[off..<(off + shown)])),
                 seenIs: who)

@@ -57,6 +57,79 @@ public struct Backing: Sendable {
         return r
     }
 
+    /// Never touched: no page is mapped until the first access.
+    public static let anonUnpopulated = Backing(
+        id: "anon-unpopulated", summary: "an anonymous page never touched", tags: ["anon", "unpopulated"]
+    ) { ctx in
+        let r = try Region.anonymous(size: Int(cp_page_size()), origin: "anonymous, never touched")
+        try r.madvise(Int32(CP_MADV_NOHUGEPAGE), name: "MADV_NOHUGEPAGE")
+        ctx.original = .zero
+        return r
+    }
+
+    /// Read before any write: the shared zeropage is mapped.
+    public static let anonZeropage = Backing(
+        id: "anon-zeropage", summary: "an anonymous page mapping the shared zeropage (read, never written)", tags: ["anon", "zeropage"]
+    ) { ctx in
+        let r = try Region.anonymous(size: Int(cp_page_size()), origin: "anonymous, read fault")
+        try r.madvise(Int32(CP_MADV_NOHUGEPAGE), name: "MADV_NOHUGEPAGE")
+        cp_touch_read(r.base, r.size, r.pageSize)
+        try requireFlag("zero_page", r, what: "the shared zeropage")
+        ctx.original = .zero
+        return r
+    }
+
+    /// A THP-sized aligned area read before any write: the huge zeropage.
+    public static let thpZeropage = Backing(
+        id: "thp-zeropage", summary: "a PMD-sized area mapping the huge zeropage (MADV_HUGEPAGE, read)", tags: ["anon", "thp", "zeropage"]
+    ) { ctx in
+        let thp = ctx.probe.thp
+        guard let size = thp.pmdSize else { throw CaseSkip("no THP support (/sys/kernel/mm/transparent_hugepage missing)") }
+        if let why = thp.pmdUnavailableReason { throw CaseSkip(why) }
+        guard thp.useZeroPage == true else { throw CaseSkip("the huge zeropage is off (transparent_hugepage/use_zero_page=0)") }
+        let r = try Region.anonymousAligned(size: size, alignment: size, origin: "anonymous, MADV_HUGEPAGE, read fault")
+        try r.madvise(Int32(CP_MADV_HUGEPAGE), name: "MADV_HUGEPAGE")
+        cp_touch_read(r.base, r.size, r.pageSize)
+        try requireFlag("zero_page", r, what: "the huge zeropage")
+        ctx.original = .zero
+        return r
+    }
+
+    /// A file page in a MAP_PRIVATE mapping, read before any write: the
+    /// pagecache page itself is mapped (R/O), not an anonymous copy.
+    public static let memfdPrivate = Backing(
+        id: "memfd-private", summary: "a memfd page mapped MAP_PRIVATE, read before any write (pagecache)", tags: ["file", "pagecache"]
+    ) { ctx in
+        let page = Int(cp_page_size())
+        let fd = try check("memfd_create", cp_memfd("cowpin-file"))
+        defer { cp_close(fd) }
+        let content = UnsafeMutableRawBufferPointer.allocate(byteCount: page, alignment: 8)
+        defer { content.deallocate() }
+        ctx.original.materialize(into: content)
+        try check("pwrite(memfd)", cp_pwrite_full(fd, content.baseAddress, page, 0))
+        var err: Int32 = 0
+        guard let p = cp_mmap_fd(page, Int32(CP_PROT_READ_WRITE), 0, fd, 0, &err) else {
+            throw SyscallError("mmap(memfd, MAP_PRIVATE)", errno: err)
+        }
+        let r = Region(base: p, size: page, origin: "memfd, MAP_PRIVATE")
+        cp_touch_read(r.base, r.size, r.pageSize)
+        if let e = PageInfo.entry(address: r.base), let pfn = e.pfn, let flags = PageInfo.kpageflags(pfn: pfn),
+           flags & (1 << 12) != 0 {
+            throw CaseSkip("the read fault mapped an anonymous page, not the pagecache page")
+        }
+        return r
+    }
+
+    /// Skips unless kpageflags shows `flag` on the region's first page (root only).
+    static func requireFlag(_ flag: String, _ r: Region, what: String) throws {
+        guard let pfn = PageInfo.entry(address: r.base)?.pfn, let raw = PageInfo.kpageflags(pfn: pfn) else {
+            throw CaseSkip("cannot verify that \(what) is mapped: /proc/kpageflags and PFNs need root (CAP_SYS_ADMIN)")
+        }
+        guard PageInfo.flagList(raw).contains(flag) else {
+            throw CaseSkip("\(what) is not mapped after a read fault (page flags: \(PageInfo.flagList(raw).joined(separator: ",")))")
+        }
+    }
+
     static func makePMDTHP(_ ctx: CaseContext) throws -> Region {
         let thp = ctx.probe.thp
         guard let size = thp.pmdSize else { throw CaseSkip("no THP support (/sys/kernel/mm/transparent_hugepage missing)") }

@@ -10,7 +10,7 @@ public final class Region {
     public let origin: String
     public private(set) var isMapped = true
 
-    init(base: UnsafeMutableRawPointer, size: Int, origin: String) {
+    public init(base: UnsafeMutableRawPointer, size: Int, origin: String) {
         self.base = base
         self.size = size
         self.pageSize = Int(cp_page_size())

@@ -43,6 +43,7 @@ final class GupTestLongterm: Pin {
     }
 
     var view: String { "pin (gup_test PIN_LONGTERM_TEST_READ)" }
+    var observed: Range<Int> { 0..<size }
 
     func read() throws -> [UInt8] {
         var out = [UInt8](repeating: 0, count: size)

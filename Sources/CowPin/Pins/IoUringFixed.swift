@@ -91,6 +91,7 @@ final class IoUringFixed: Pin {
     }
 
     var view: String { "pin (io_uring WRITE_FIXED of the registered buffer, read back)" }
+    var observed: Range<Int> { 0..<region.size }
 
     func read() throws -> [UInt8] {
         let fd = try check("memfd_create", cp_memfd("cowpin-pin-view"))

@@ -16,7 +16,9 @@ public protocol PinMethod: Sendable {
 public protocol Pin: AnyObject {
     /// The view, for evidence ("pin (io_uring WRITE_FIXED read-back)").
     var view: String { get }
-    /// What the pinned pages hold now, as the device would read them.
+    /// The byte range of the region `read()` returns (a device may see only a sample).
+    var observed: Range<Int> { get }
+    /// What the pinned pages hold now in `observed`, as the device reads them.
     func read() throws -> [UInt8]
     /// Drops the pin (idempotent).
     func release()

@@ -85,6 +85,8 @@ public struct Probe: Codable, Sendable, Equatable {
         public var groups: [String]
         /// PCI devices bound to vfio-pci.
         public var devices: [String]
+        /// One of them with a DMA engine cowpin can drive ("0000:00:02.0 (QEMU edu)").
+        public var dmaDevice: String?
     }
 
     public var kernel: Kernel
@@ -195,7 +197,8 @@ public struct Probe: Codable, Sendable, Equatable {
     static func probeVFIO() -> VFIOInfo {
         let groups = listDirectory("/dev/vfio").filter { $0 != "vfio" }.sorted()
         let devices = listDirectory("/sys/bus/pci/drivers/vfio-pci").filter { $0.contains(":") }.sorted()
-        return VFIOInfo(container: access("/dev/vfio/vfio", F_OK) == 0, groups: groups, devices: devices)
+        let dma = DMADevices.find().map { "\($0.bdf) (\($0.driver.name))" }
+        return VFIOInfo(container: access("/dev/vfio/vfio", F_OK) == 0, groups: groups, devices: devices, dmaDevice: dma)
     }
 
     static func probeGupTest() -> Feature {

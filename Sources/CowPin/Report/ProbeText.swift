@@ -19,7 +19,7 @@ public enum ProbeText {
         l.append("hugetlb:       " + (p.hugetlb.isEmpty ? "none" : p.hugetlb.map { "\($0.sizeKB)kB total=\($0.total) free=\($0.free)" }.joined(separator: "; ")))
         l.append("swap:          " + (p.swap.isEmpty ? "none" : p.swap.map { "\($0.name) (\($0.type), \($0.sizeKB) KiB)" }.joined(separator: "; ")))
         l.append("FUSE:          \(p.fuse.available ? "yes" : "no") (\(p.fuse.detail))")
-        l.append("VFIO:          container \(p.vfio.container ? "yes" : "no"), groups [\(p.vfio.groups.joined(separator: ", "))], vfio-pci devices [\(p.vfio.devices.joined(separator: ", "))]")
+        l.append("VFIO:          container \(p.vfio.container ? "yes" : "no"), groups [\(p.vfio.groups.joined(separator: ", "))], vfio-pci devices [\(p.vfio.devices.joined(separator: ", "))], DMA engine: \(p.vfio.dmaDevice ?? "none")")
         l.append("gup_test:      \(p.gupTest.available ? "yes" : "no") (\(p.gupTest.detail))")
         l.append("KSM:           \(p.ksm.available ? "yes" : "no") (\(p.ksm.detail))")
         l.append("userfaultfd:   \(p.userfaultfd.available ? "yes" : "no") (\(p.userfaultfd.detail))")

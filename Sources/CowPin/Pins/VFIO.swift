@@ -221,11 +221,19 @@ final class VFIOMapping: Pin {
     var view: String { "device (\(name) DMA from the mapped buffer, via a scratch page)" }
     var observed: Range<Int> { 0..<min(size, device.maxTransfer) }
 
+    /// What the scratch page holds before each round trip: if it is still
+    /// there afterwards, the device copied nothing (a harness failure, not a view).
+    static let marker = Content.written(0x5A, by: "the scratch marker")
+
     func read() throws -> [UInt8] {
         let n = observed.count
-        scratch.fill(.zero)
+        scratch.fill(Self.marker)
         try device.copy(from: iova, to: scratchIOVA, count: n, timeoutMs: timeoutMs)
-        return Array(scratch.bytes[0..<n])
+        let seen = UnsafeRawBufferPointer(rebasing: scratch.bytes[0..<n])
+        if Self.marker.matches(seen, offset: 0) {
+            throw HarnessError("the \(name) DMA round trip copied nothing (bus mastering off, or IOMMU fault)")
+        }
+        return Array(seen)
     }
 
     func release() {

@@ -7,6 +7,11 @@ public struct Probe: Codable, Sendable, Equatable {
         public var release: String
         public var version: String
         public var machine: String
+        public init(release: String, version: String, machine: String) {
+            self.release = release
+            self.version = version
+            self.machine = machine
+        }
     }
 
     public struct Privileges: Codable, Sendable, Equatable {

@@ -13,6 +13,15 @@ public final class JSONReporter: Reporter {
         public var results: [Result]
         public var totals: Totals
         public var exitCode: Int32
+
+        public init(cowpin: String, kernel: Probe.Kernel, euid: UInt32, results: [Result], totals: Totals, exitCode: Int32) {
+            self.cowpin = cowpin
+            self.kernel = kernel
+            self.euid = euid
+            self.results = results
+            self.totals = totals
+            self.exitCode = exitCode
+        }
     }
 
     public struct Result: Codable, Equatable {
@@ -22,6 +31,15 @@ public final class JSONReporter: Reporter {
         public var reason: String?
         public var evidence: Evidence?
         public var durationMs: Double
+
+        public init(id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, evidence: Evidence?, durationMs: Double) {
+            self.id = id
+            self.iteration = iteration
+            self.verdict = verdict
+            self.reason = reason
+            self.evidence = evidence
+            self.durationMs = durationMs
+        }
     }
 
     let write: (String) -> Void

@@ -48,6 +48,8 @@ public struct KernelVersion: Comparable, Sendable, CustomStringConvertible {
         guard p.count >= 2 else { return nil }
         parts = Array(p.prefix(3))
     }
+    /// 6.2 == 6.2.0.
+    public static func == (a: KernelVersion, b: KernelVersion) -> Bool { !(a < b) && !(b < a) }
     public static func < (a: KernelVersion, b: KernelVersion) -> Bool {
         for i in 0..<max(a.parts.count, b.parts.count) {
             let x = i < a.parts.count ? a.parts[i] : 0, y = i < b.parts.count ? b.parts[i] : 0

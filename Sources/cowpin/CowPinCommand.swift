@@ -87,6 +87,11 @@ struct Run: ParsableCommand {
 
     func run() throws {
         let cases = try selection.cases()
+        // Interrupted runs clean up after themselves; killed ones are cleaned up here.
+        Emergency.installSignalHandling()
+        let recovered = SystemState.recoverStale()
+        if !recovered.isEmpty { fputs("cowpin: restored what a killed run left: \(recovered.joined(separator: "; "))\n", stderr) }
+        FuseServer.removeStale()
         let runner = Runner(options: RunOptions(timeoutMs: Int32(timeout * 1000), repeatCount: repeatCount))
         let out: (String) -> Void = { line in
             print(line)

@@ -14,12 +14,14 @@ public enum LongTermPinCases {
     }
 
     public static func scenarios(for pin: PinMethod) -> [Scenario] {
+        // Every mTHP size too, where a pin is cheap to observe (not through a 100 ms DMA).
+        let anon = pin is VFIOPin ? Backing.standard : Backing.withMTHP
         func scenario(_ event: String, _ summary: String, _ steps: [String], tags: [String],
-                      backings: [Backing] = Backing.standard,
+                      backings: [Backing]? = nil,
                       _ body: @escaping @Sendable (CaseContext, Region) throws -> Void) -> Scenario {
             Scenario(
                 id: "\(pin.id)/\(event)", summary: "\(pin.summary): \(summary)", steps: steps,
-                tags: [pin.id, "longterm-pin", pin.readOnly ? "ro-pin" : "rw-pin"] + tags, backings: backings,
+                tags: [pin.id, "longterm-pin", pin.readOnly ? "ro-pin" : "rw-pin"] + tags, backings: backings ?? anon,
                 requires: { pin.unavailable($0) },
                 body: { ctx in try body(ctx, ctx.region) })
         }

@@ -10,7 +10,7 @@ public enum PlainCOWCases {
             id: "cow/fork-child-writes", summary: "COW after fork(), the child writes",
             steps: ["fork()", "the child writes 0xcc over its view and reports it",
                     "the parent's mapping must still hold the original content"],
-            tags: ["cow", "fork", "nopin"]
+            tags: ["cow", "fork", "nopin"], backings: Backing.withMTHP
         ) { ctx in
             let region = ctx.region!
             let report = try ctx.sharedBuffer()
@@ -36,7 +36,7 @@ public enum PlainCOWCases {
             steps: ["fork(); the child stays alive"]
                 + (mprotect ? ["the parent calls mprotect(PROT_READ), then mprotect(PROT_READ|PROT_WRITE)"] : [])
                 + ["the parent writes 0xff", "the child reports its view: must hold the original content"],
-            tags: ["cow", "fork", "nopin"] + (mprotect ? ["mprotect"] : [])
+            tags: ["cow", "fork", "nopin"] + (mprotect ? ["mprotect"] : []), backings: Backing.withMTHP
         ) { ctx in
             let region = ctx.region!
             let report = try ctx.sharedBuffer()

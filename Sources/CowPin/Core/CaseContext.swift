@@ -34,6 +34,7 @@ public final class CaseContext {
     func cleanup() {
         while let c = cleanups.popLast() { c() }
         region?.release()
+        SystemState.shared.restore()
     }
 
     /// fork(); the child runs the program `build` writes. Killed and reaped

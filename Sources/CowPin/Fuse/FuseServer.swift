@@ -29,6 +29,7 @@ public final class FuseServer {
     let events: OSPipe
     let state = Locked(State())
     var serving = false
+    var emergency = 0
     var mounted = false
 
     struct State {
@@ -74,6 +75,12 @@ public final class FuseServer {
             throw SyscallError("mount(fuse, \(mountpoint))", errno: e)
         }
         mounted = true
+        let (point, dev) = (mountpoint, fd)
+        emergency = Emergency.add("unmounted \(point)") {
+            close(dev)
+            umount2(point, Int32(MNT_DETACH))
+            rmdir(point)
+        }
         serving = true
         startThread { [self] in serve() }
     }
@@ -166,6 +173,7 @@ public final class FuseServer {
             rmdir(mountpoint)
             mounted = false
             close(devFD)
+            Emergency.remove(emergency)
         }
     }
 

@@ -19,6 +19,46 @@ public struct Backing: Sendable {
     /// The backings every scenario of the foundation runs on.
     public static let standard: [Backing] = [.anonPage, .thpPMD, .thpPTE]
 
+    /// mTHP sizes cowpin knows (x86-64: 16 KiB to 1 MiB); a kernel without one skips it.
+    public static let mthpSizesKB = [16, 32, 64, 128, 256, 512, 1024]
+
+    /// The standard backings plus one anonymous mTHP of every size.
+    public static let withMTHP: [Backing] = standard + mthpSizesKB.map(mthp)
+
+    /// An anonymous multi-size THP of `kb` KiB: that size is set to "madvise"
+    /// for the case (journaled, restored), the area is aligned to it and
+    /// MADV_HUGEPAGE; verified in /proc/kpageflags as one large folio.
+    public static func mthp(_ kb: Int) -> Backing {
+        Backing(id: "mthp-\(kb)k", summary: "an anonymous \(kb) KiB mTHP", tags: ["anon", "thp", "mthp"]) { ctx in
+            let knob = "/sys/kernel/mm/transparent_hugepage/hugepages-\(kb)kB/enabled"
+            guard ctx.probe.thp.sizes.contains(where: { $0.sizeKB == kb }) else {
+                throw CaseSkip("no \(kb) KiB mTHP on this kernel (no \(knob); multi-size THP needs 6.8 or later)")
+            }
+            if ctx.probe.thp.enabled == "never" { throw CaseSkip("THP disabled (transparent_hugepage/enabled=never)") }
+            try SystemState.shared.set(knob, "madvise")
+            let size = kb * 1024
+            let r = try Region.anonymousAligned(size: size, alignment: size, origin: "anonymous, \(kb) KiB mTHP")
+            try r.madvise(Int32(CP_MADV_HUGEPAGE), name: "MADV_HUGEPAGE")
+            r.fill(ctx.original)
+            try requireFolio(r, what: "a \(kb) KiB mTHP")
+            return r
+        }
+    }
+
+    /// Skips unless the region is one large folio: THP pages, the first the
+    /// head, physically contiguous (root only: PFNs and kpageflags).
+    static func requireFolio(_ r: Region, what: String) throws {
+        let last = r.pages - 1
+        guard let first = PageInfo.entry(address: r.base)?.pfn, let lastPFN = PageInfo.entry(address: r.address(ofPage: last))?.pfn,
+              let f0 = PageInfo.kpageflags(pfn: first), let fl = PageInfo.kpageflags(pfn: lastPFN) else {
+            throw CaseSkip("cannot verify \(what): /proc/kpageflags and PFNs need root (CAP_SYS_ADMIN)")
+        }
+        let head = PageInfo.flagList(f0), tail = PageInfo.flagList(fl)
+        guard head.contains("thp"), head.contains("compound_head"), tail.contains("compound_tail"), lastPFN == first + UInt64(last) else {
+            throw CaseSkip("no \(what) after MADV_HUGEPAGE and first touch (first page: \(head.joined(separator: ",")); last page: \(tail.joined(separator: ",")))")
+        }
+    }
+
     /// One anonymous base page (MADV_NOHUGEPAGE: no THP, no mTHP).
     public static let anonPage = Backing(
         id: "anon-page", summary: "an anonymous base page (MADV_NOHUGEPAGE)", tags: ["anon"]

@@ -81,7 +81,10 @@ public final class Child {
     private let status: SharedBuffer
     private let names: [String]
     private let timeoutMs: Int32
-    private(set) var reaped = false
+    private(set) var reaped = false {
+        didSet { if reaped { Emergency.remove(emergency) } }
+    }
+    private var emergency = 0
 
     /// Forks; `build` writes the child's program.
     init(timeoutMs: Int32, _ build: (inout ChildProgram) throws -> Void) throws {
@@ -102,13 +105,17 @@ public final class Child {
         try check("fork", program.ops.withUnsafeBufferPointer { cp_spawn($0.baseAddress, $0.count, st, &pid, &pidfd) })
         self.pid = pid
         self.pidfd = pidfd
+        emergency = Emergency.add("killed child \(pid)") { _ = Glibc.kill(pid, SIGKILL) }
         // Only the child writes here: a dead child then reads as end of file.
         toParent.closeWrite()
         fromParent.closeRead()
     }
 
     deinit {
-        if !reaped { cp_kill_reap(pid, pidfd) }
+        if !reaped {
+            cp_kill_reap(pid, pidfd)
+            Emergency.remove(emergency)
+        }
     }
 
     private var statusBlock: cp_child_status {

@@ -1,0 +1,156 @@
+import CCowPin
+import Glibc
+
+/// Everything cowpin changes outside its own process (sysfs knobs, hugetlb
+/// pools, ...) goes through here. Each change is written to a journal before
+/// it is made, so it is undone when the case ends, when the run is
+/// interrupted (SIGINT/SIGTERM), and, after a SIGKILL, by the next run.
+public final class SystemState: @unchecked Sendable {
+    public static let shared = SystemState()
+
+    /// Where journals live: one file per running cowpin process.
+    public static var directory: String {
+        access("/run", W_OK) == 0 ? "/run/cowpin" : "/var/tmp/cowpin"
+    }
+
+    struct Change {
+        var path: String
+        var old: String
+    }
+
+    private let state = Locked<[Change]>([])
+    private var journalFD: Int32 = -1
+    private var lockFD: Int32 = -1
+
+    /// Sets a sysfs/procfs value, journaling the old one first; undone by `restore`.
+    public func set(_ path: String, _ value: String) throws {
+        guard let old = readFile(path)?.trimmed else { throw CaseSkip("cannot read \(path)") }
+        let stored = Self.storedValue(path, old)
+        if stored == value { return }
+        try journal(Change(path: path, old: stored))
+        if let err = writeFile(path, value) {
+            throw CaseSkip("cannot write '\(value)' to \(path): \(Errno.name(err))\(err == EACCES || err == EPERM ? " (needs root)" : "")")
+        }
+    }
+
+    /// How to write back what a knob showed: "always [madvise] never" -> "madvise".
+    static func storedValue(_ path: String, _ shown: String) -> String {
+        ProbeParsing.bracketed(shown) ?? shown
+    }
+
+    private func journal(_ c: Change) throws {
+        try state.with { changes in
+            if journalFD < 0 {
+                mkdir(Self.directory, 0o700)
+                // One process changes global state at a time: a second run waits (bounded).
+                lockFD = open(Self.directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+                var waited = 0
+                while lockFD >= 0 && flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
+                    if waited >= 30_000 { throw CaseSkip("another cowpin run holds \(Self.directory)/lock (it is changing system state)") }
+                    usleep(100_000)
+                    waited += 100
+                }
+                journalFD = open(Self.directory + "/journal-\(getpid())", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+                guard journalFD >= 0 else { throw SyscallError("open(\(Self.directory)/journal-\(getpid()))", errno: errno) }
+            }
+            let line = Array("\(c.path)\t\(c.old)\n".utf8)
+            _ = line.withUnsafeBytes { write(journalFD, $0.baseAddress, $0.count) }
+            fsync(journalFD)
+            changes.append(c)
+        }
+    }
+
+    /// Undoes every change (newest first) and returns what was restored.
+    @discardableResult
+    public func restore() -> [String] {
+        state.with { changes in
+            var done: [String] = []
+            for c in changes.reversed() {
+                let err = writeFile(c.path, c.old)
+                done.append("\(c.path) = \(c.old)" + (err.map { " (failed: \(Errno.name($0)))" } ?? ""))
+            }
+            changes.removeAll()
+            if journalFD >= 0 {
+                close(journalFD)
+                journalFD = -1
+                unlink(Self.directory + "/journal-\(getpid())")
+            }
+            if lockFD >= 0 {
+                close(lockFD)
+                lockFD = -1
+            }
+            return done
+        }
+    }
+
+    /// Restores what runs that died (SIGKILL) left in their journals.
+    @discardableResult
+    public static func recoverStale() -> [String] {
+        var restored: [String] = []
+        for name in listDirectory(directory) where name.hasPrefix("journal-") {
+            guard let pid = Int32(name.dropFirst("journal-".count)), pid != getpid(), !FuseServer.alive(pid) else { continue }
+            let path = directory + "/" + name
+            let lines = (readFile(path) ?? "").split(separator: "\n").map { $0.split(separator: "\t", maxSplits: 1) }
+            for l in lines.reversed() where l.count == 2 {
+                writeFile(String(l[0]), String(l[1]))
+                restored.append("\(l[0]) = \(l[1]) (left by pid \(pid))")
+            }
+            unlink(path)
+        }
+        return restored
+    }
+}
+
+/// Cleanups that must run even when the run is interrupted: live children,
+/// FUSE mounts, system state. Run from the signal thread of `cowpin run`.
+public enum Emergency {
+    static let actions = Locked<[Int: (String, () -> Void)]>([:])
+    static let next = Locked(0)
+
+    /// Registers `body` (described by `what`); returns a token for `remove`.
+    public static func add(_ what: String, _ body: @escaping () -> Void) -> Int {
+        let id = next.with { n -> Int in
+            n += 1
+            return n
+        }
+        actions.with { $0[id] = (what, body) }
+        return id
+    }
+
+    public static func remove(_ id: Int) { _ = actions.with { $0.removeValue(forKey: id) } }
+
+    /// Runs every registered cleanup (newest first), then restores system state.
+    public static func runAll() -> [String] {
+        let list = actions.with { a -> [(String, () -> Void)] in
+            defer { a.removeAll() }
+            return a.sorted { $0.key > $1.key }.map(\.value)
+        }
+        var done: [String] = []
+        for (what, body) in list {
+            body()
+            done.append(what)
+        }
+        return done + SystemState.shared.restore()
+    }
+
+    /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (call before any other
+    /// thread starts, so all inherit it) and handles them on a thread of
+    /// their own: clean up, report what was restored on stderr, exit 128+signal.
+    public static func installSignalHandling() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        let blocked = set
+        startThread {
+            var s = blocked
+            var sig: Int32 = 0
+            while sigwait(&s, &sig) != 0 {}
+            let done = runAll()
+            var msg = "cowpin: interrupted by \(signalName(sig)); cleaned up: "
+            msg += done.isEmpty ? "nothing to restore" : done.joined(separator: "; ")
+            fputs(msg + "\n", stderr)
+            _exit(128 + sig)
+        }
+    }
+}

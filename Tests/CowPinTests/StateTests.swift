@@ -1,0 +1,97 @@
+import CowPin
+import Foundation
+import Testing
+
+/// Global state: journaled, restored, recovered after a SIGKILL; interruption cleans up.
+@Suite(.serialized)
+struct StateTests {
+    static let knob = "/sys/kernel/mm/transparent_hugepage/hugepages-64kB/enabled"
+
+    static func shown(_ path: String) -> String? {
+        (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { ProbeParsing.bracketed($0) }
+    }
+
+    @Test("a knob changed for a case is back after it, and the journal is gone")
+    func restoredAfterCase() throws {
+        guard Probe.isRoot, let before = Self.shown(Self.knob) else {
+            Issue.record(Comment(rawValue: "SKIP: needs root and \(Self.knob)"), severity: .warning)
+            return
+        }
+        let target = before == "madvise" ? "never" : "madvise"
+        let s = Scenario(id: "selftest/knob", summary: "", steps: [], tags: ["selftest"]) { _ in
+            try SystemState.shared.set(Self.knob, target)
+            #expect(Self.shown(Self.knob) == target)
+            #expect(FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(getpid())"))
+        }
+        #expect(Runner().run(Case(scenario: s, backing: .anonPage)).verdict == .coherent)
+        #expect(Self.shown(Self.knob) == before)
+        #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(getpid())"))
+    }
+
+    @Test("the journal of a SIGKILLed process is restored by the next run")
+    func recoveredAfterKill() throws {
+        guard Probe.isRoot, let before = Self.shown(Self.knob) else {
+            Issue.record(Comment(rawValue: "SKIP: needs root and \(Self.knob)"), severity: .warning)
+            return
+        }
+        let target = before == "madvise" ? "never" : "madvise"
+        // A process whose journal records a knob change is SIGKILLed while the
+        // change is in place; the journal is written for it, as cowpin writes its own.
+        let hold = try OSPipe()
+        var dead: Int32 = 0
+        let s = Scenario(id: "selftest/killed", summary: "", steps: [], tags: ["selftest"]) { ctx in
+            let child = try ctx.fork { c in
+                c.checkpoint()
+                c.wait(for: hold, timeoutMs: 60_000)
+            }
+            try child.awaitCheckpoint()
+            dead = child.pid
+            // Journal and change on behalf of the child, as its own journal.
+            mkdir(SystemState.directory, 0o700)
+            try "\(Self.knob)\t\(before)\n".write(toFile: SystemState.directory + "/journal-\(child.pid)", atomically: false, encoding: .utf8)
+            try target.write(toFile: Self.knob, atomically: false, encoding: .utf8)
+            kill(child.pid, SIGKILL)
+            #expect(throws: HarnessError.self) { try child.finish() }
+        }
+        _ = Runner().run(Case(scenario: s, backing: .anonPage))
+        #expect(Self.shown(Self.knob) == target)
+        let restored = SystemState.recoverStale()
+        #expect(restored.contains { $0.contains(Self.knob) && $0.contains("pid \(dead)") })
+        #expect(Self.shown(Self.knob) == before)
+        #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(dead)"))
+    }
+
+    @Test("SIGTERM mid-run: children reaped, FUSE unmounted, state restored, exit 143")
+    func interrupted() throws {
+        guard Probe.isRoot else {
+            Issue.record(Comment(rawValue: "SKIP: needs root"), severity: .warning)
+            return
+        }
+        let before = Self.shown(Self.knob)
+        var pid: pid_t = 0
+        let args: [String] = [CLITests.binary.path, "run", "--filter", "odirect*", "--filter", "*mthp-64k", "--repeat", "100"]
+        let argv = args.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, "/tmp/cowpin-interrupt-test.err", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        try #require(posix_spawn(&pid, CLITests.binary.path, &actions, nil, argv, environ) == 0)
+        posix_spawn_file_actions_destroy(&actions)
+        usleep(1_500_000)
+        kill(pid, SIGTERM)
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        #expect((st >> 8) & 0xff == 143)
+        let err = (try? String(contentsOfFile: "/tmp/cowpin-interrupt-test.err", encoding: .utf8)) ?? ""
+        #expect(err.contains("interrupted by SIGTERM"), "stderr: \(err)")
+        #expect(!FuseTests.cowpinMounts.contains { $0.hasPrefix("/tmp/cowpin-fuse-\(pid)-") })
+        #expect(Self.shown(Self.knob) == before)
+        // No child of the killed run is left.
+        let children = (try? FileManager.default.contentsOfDirectory(atPath: "/proc"))?.compactMap(Int32.init).filter { p in
+            ((try? String(contentsOfFile: "/proc/\(p)/stat", encoding: .utf8)) ?? "").split(separator: " ").dropFirst(3).first == "\(pid)"
+        } ?? []
+        #expect(children.isEmpty, "left: \(children)")
+        unlink("/tmp/cowpin-interrupt-test.err")
+    }
+}

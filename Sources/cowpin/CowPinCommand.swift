@@ -79,6 +79,9 @@ struct Run: ParsableCommand {
     @Flag(help: "Report each case's duration and the total.")
     var timing = false
 
+    @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"))
+    var bisect: String?
+
     func validate() throws {
         guard repeatCount >= 1 && repeatCount <= 100_000 else { throw ValidationError("--repeat must be between 1 and 100000, got \(repeatCount)") }
         guard timeout > 0 && timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600] seconds, got \(timeout)") }
@@ -86,7 +89,11 @@ struct Run: ParsableCommand {
     }
 
     func run() throws {
-        let cases = try selection.cases()
+        var cases = try selection.cases()
+        if let id = bisect {
+            guard let c = Catalog.find(id) else { throw ValidationError("unknown case '\(id)' for --bisect (see `cowpin list`)") }
+            cases = [c]
+        }
         // Interrupted runs clean up after themselves; killed ones are cleaned up here.
         Emergency.installSignalHandling()
         let recovered = SystemState.recoverStale()
@@ -105,6 +112,9 @@ struct Run: ParsableCommand {
             let tenths = (monotonicNs() - start + 50_000) / 100_000
             let line = "total: \(tenths / 10).\(tenths % 10) ms for \(totals.total) case run(s)"
             if format == .ktap { out("# \(line)") } else { fputs(line + "\n", stderr) }
+        }
+        if bisect != nil {
+            throw ExitCode(totals.decoherent > 0 || totals.xfail > 0 ? 1 : totals.coherent + totals.xpass > 0 ? 0 : 125)
         }
         throw ExitCode(totals.exitCode)
     }
@@ -173,6 +183,9 @@ struct Explain: ParsableCommand {
     @Argument(help: "A case id (see `cowpin list`).")
     var caseID: String
 
+    @Option(help: ArgumentHelp("The expected-verdict file (upstream history).", valueName: "path"))
+    var expected = "data/expected-verdicts.json"
+
     func run() throws {
         guard let c = Catalog.find(caseID) else {
             throw ValidationError("unknown case '\(caseID)' (see `cowpin list`)")
@@ -187,6 +200,12 @@ struct Explain: ParsableCommand {
         print("  (the evidence names the view, the byte ranges, and whose data is there); skip = cannot run here, with the reason;")
         print("  error = the harness failed, not a finding about the kernel.")
         if let k = c.scenario.knownIssue { print("  known unfixed upstream: \(k.reason) [\(k.reference)]") }
+        if let history = try? ExpectedVerdicts.load(expected), let f = history.family(of: c.id) {
+            print("  upstream history (\(f.cases)): \(f.history)")
+            print("  expected: " + (f.coherentSince.map { "decoherent before \($0), coherent since" } ?? "coherent on every kernel"))
+            if let fix = f.fix { print("  fix: \(fix)") }
+            for (kernel, seen) in (f.observed ?? [:]).sorted(by: { $0.key < $1.key }) { print("  measured on \(kernel): \(seen)") }
+        }
     }
 }
 

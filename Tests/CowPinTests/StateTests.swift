@@ -38,14 +38,15 @@ struct StateTests {
         // A process whose journal records a knob change is SIGKILLed while the
         // change is in place; the journal is written for it, as cowpin writes its own.
         let hold = try OSPipe()
-        var dead: Int32 = 0
+        final class PID: @unchecked Sendable { var value: Int32 = 0 }
+        let deadPID = PID()
         let s = Scenario(id: "selftest/killed", summary: "", steps: [], tags: ["selftest"]) { ctx in
             let child = try ctx.fork { c in
                 c.checkpoint()
                 c.wait(for: hold, timeoutMs: 60_000)
             }
             try child.awaitCheckpoint()
-            dead = child.pid
+            deadPID.value = child.pid
             // Journal and change on behalf of the child, as its own journal.
             mkdir(SystemState.directory, 0o700)
             try "\(Self.knob)\t\(before)\n".write(toFile: SystemState.directory + "/journal-\(child.pid)", atomically: false, encoding: .utf8)
@@ -54,6 +55,7 @@ struct StateTests {
             #expect(throws: HarnessError.self) { try child.finish() }
         }
         _ = Runner().run(Case(scenario: s, backing: .anonPage))
+        let dead = deadPID.value
         #expect(Self.shown(Self.knob) == target)
         let restored = SystemState.recoverStale()
         #expect(restored.contains { $0.contains(Self.knob) && $0.contains("pid \(dead)") })

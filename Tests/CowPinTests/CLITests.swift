@@ -17,8 +17,9 @@ struct CLITests {
 
     static func cowpin(_ args: String...) throws -> Output { try run(args) }
 
-    /// posix_spawn()s the binary and collects its output; bounded (kills after 300 s).
-    static func run(_ args: [String]) throws -> Output {
+    /// posix_spawn()s the binary (or `program` with the binary's path as an
+    /// argument) and collects its output; bounded (kills after 300 s).
+    static func run(_ args: [String], via program: [String] = []) throws -> Output {
         var outPipe: [Int32] = [-1, -1], errPipe: [Int32] = [-1, -1]
         guard pipe(&outPipe) == 0, pipe(&errPipe) == 0 else { throw CaseSkip("pipe failed") }
         var actions = posix_spawn_file_actions_t()
@@ -27,10 +28,11 @@ struct CLITests {
         posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
         posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
         for fd in outPipe + errPipe { posix_spawn_file_actions_addclose(&actions, fd) }
-        let argv = ([binary.path] + args).map { strdup($0) } + [nil]
+        let command = program + [binary.path] + args
+        let argv = command.map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0
-        let r = posix_spawn(&pid, binary.path, &actions, nil, argv, environ)
+        let r = posix_spawn(&pid, command[0], &actions, nil, argv, environ)
         close(outPipe[1])
         close(errPipe[1])
         guard r == 0 else { throw CaseSkip("posix_spawn \(binary.path): \(r)") }
@@ -75,6 +77,23 @@ struct CLITests {
         let o = try Self.run(args)
         #expect(o.status == 2)
         #expect(o.stderr.contains(message), "stderr: \(o.stderr)")
+    }
+
+    @Test("as an unprivileged user nothing crashes: cases run or skip with the reason")
+    func unprivileged() throws {
+        let setpriv = "/usr/bin/setpriv"
+        guard Probe.isRoot, FileManager.default.isExecutableFile(atPath: setpriv) else {
+            Issue.record(Comment(rawValue: "SKIP: needs root and setpriv to drop privileges"), severity: .warning)
+            return
+        }
+        let o = try Self.run(["run", "--filter", "cow/*", "--filter", "odirect-thread/*", "--filter", "iouring-fixed/*"],
+                             via: [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"])
+        #expect(o.stdout.contains("euid 65534"))
+        #expect(o.status == 0 || o.status == 4, "exit \(o.status): \(o.stderr)")
+        let results = o.stdout.split(separator: "\n").filter { $0.hasPrefix("ok ") || $0.hasPrefix("not ok ") }
+        #expect(!results.isEmpty && !results.contains { $0.hasPrefix("not ok") })
+        #expect(o.stdout.contains("# SKIP mounting cowpin's FUSE file system needs CAP_SYS_ADMIN"))
+        #expect(results.contains { !$0.contains(" # SKIP ") }, "some cases run without privileges")
     }
 
     @Test func helpExitsZero() throws {

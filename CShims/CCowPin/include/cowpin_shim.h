@@ -38,6 +38,12 @@ enum {
     CP_PROT_READ_WRITE = 3,
 };
 
+/* mmap flags for anonymous hugetlb memory of 2^shift bytes. */
+enum {
+    CP_MAP_HUGETLB = 0x40000,
+    CP_MAP_HUGE_SHIFT = 26,
+};
+
 /* madvise() advice values; some are newer than the C library's headers. */
 enum {
     CP_MADV_DONTNEED = 4,

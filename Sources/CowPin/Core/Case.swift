@@ -33,10 +33,15 @@ public struct Scenario: Sendable {
 public struct KnownIssue: Sendable, Equatable {
     public var reason: String
     public var reference: String
-    public init(reason: String, reference: String) {
+    /// Backing ids the issue concerns (nil: all).
+    public var backings: [String]?
+    public init(reason: String, reference: String, backings: [String]? = nil) {
         self.reason = reason
         self.reference = reference
+        self.backings = backings
     }
+
+    public func applies(to backing: Backing) -> Bool { backings.map { $0.contains(backing.id) } ?? true }
 }
 
 /// One runnable case: a scenario on one backing.

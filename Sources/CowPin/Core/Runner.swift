@@ -96,7 +96,7 @@ public final class Runner {
             let extra = ctx.findings.isEmpty ? "" : " (after \(ctx.findings.count) mismatch(es) were recorded)"
             return .error("\(error)\(extra)")
         }
-        switch (ctx.findings.isEmpty, c.scenario.knownIssue) {
+        switch (ctx.findings.isEmpty, c.scenario.knownIssue.flatMap { $0.applies(to: c.backing) ? $0 : nil }) {
         case (true, nil): return .coherent
         case (false, nil): return .decoherent(ctx.evidence)
         case (true, let k?): return .xpass(reason: k.reason, reference: k.reference)

@@ -22,8 +22,36 @@ public struct Backing: Sendable {
     /// mTHP sizes cowpin knows (x86-64: 16 KiB to 1 MiB); a kernel without one skips it.
     public static let mthpSizesKB = [16, 32, 64, 128, 256, 512, 1024]
 
-    /// The standard backings plus one anonymous mTHP of every size.
-    public static let withMTHP: [Backing] = standard + mthpSizesKB.map(mthp)
+    /// The standard backings plus one anonymous mTHP of every size and hugetlb.
+    public static let withMTHP: [Backing] = standard + mthpSizesKB.map(mthp) + [hugetlb(2048)]
+
+    /// Huge pages reserved per case: the region, the child's COW copy, and
+    /// copies a pin may force.
+    static let hugetlbPagesPerCase = 4
+
+    /// One anonymous hugetlb page of `kb` KiB (MAP_HUGETLB). The pool is grown
+    /// by what the case needs (journaled: restored when the case ends).
+    public static func hugetlb(_ kb: Int) -> Backing {
+        Backing(id: "hugetlb-\(kb)k", summary: "an anonymous hugetlb page of \(kb) KiB", tags: ["hugetlb"]) { ctx in
+            guard let pool = ctx.probe.hugetlb.first(where: { $0.sizeKB == kb }) else {
+                throw CaseSkip("no \(kb) KiB hugetlb pages on this kernel (no /sys/kernel/mm/hugepages/hugepages-\(kb)kB)")
+            }
+            let dir = "/sys/kernel/mm/hugepages/hugepages-\(kb)kB"
+            let free = readFile("\(dir)/free_hugepages").flatMap { Int($0.trimmed) } ?? 0
+            if free < hugetlbPagesPerCase {
+                let total = readFile("\(dir)/nr_hugepages").flatMap { Int($0.trimmed) } ?? pool.total
+                let want = total + hugetlbPagesPerCase - free
+                try SystemState.shared.set("\(dir)/nr_hugepages", String(want))
+                let got = readFile("\(dir)/free_hugepages").flatMap { Int($0.trimmed) } ?? 0
+                guard got >= hugetlbPagesPerCase else {
+                    throw CaseSkip("could reserve only \(got) free \(kb) KiB huge pages of \(hugetlbPagesPerCase) needed (memory fragmented?)")
+                }
+            }
+            let r = try Region.hugetlb(size: kb * 1024)
+            r.fill(ctx.original)
+            return r
+        }
+    }
 
     /// An anonymous multi-size THP of `kb` KiB: that size is set to "madvise"
     /// for the case (journaled, restored), the area is aligned to it and

@@ -26,6 +26,16 @@ public final class Region {
         return Region(base: p, size: size, origin: origin)
     }
 
+    /// Anonymous hugetlb memory (MAP_HUGETLB) of one huge page of `size` bytes.
+    public static func hugetlb(size: Int) throws -> Region {
+        var err: Int32 = 0
+        let shift = Int32(size.trailingZeroBitCount) << Int32(CP_MAP_HUGE_SHIFT)
+        guard let p = cp_mmap_anon(size, 0, Int32(CP_MAP_HUGETLB) | shift, &err) else {
+            throw SyscallError("mmap(MAP_HUGETLB, \(size / 1024) KiB)", errno: err)
+        }
+        return Region(base: p, size: size, origin: "hugetlb \(size / 1024) KiB")
+    }
+
     /// An anonymous mapping of `size` bytes aligned to `alignment`.
     public static func anonymousAligned(size: Int, alignment: Int, origin: String) throws -> Region {
         var err: Int32 = 0

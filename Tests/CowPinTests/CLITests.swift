@@ -128,7 +128,9 @@ struct CLITests {
         let skip = results.filter { $0.contains(" # SKIP ") }.count
         let fail = results.filter { $0.hasPrefix("not ok ") && !$0.contains(" # ERROR ") }.count
         let error = results.filter { $0.contains(" # ERROR ") }.count
-        #expect(totals == "# Totals: pass:\(pass) fail:\(fail) xfail:0 xpass:0 skip:\(skip) error:\(error)")
+        let xfail = results.filter { $0.contains(" # XFAIL ") }.count
+        let xpass = results.filter { $0.contains(" # XPASS ") }.count
+        #expect(totals == "# Totals: pass:\(pass) fail:\(fail) xfail:\(xfail) xpass:\(xpass) skip:\(skip) error:\(error)")
         let expected: Int32 = fail > 0 ? 1 : error > 0 ? 2 : skip == results.count ? 4 : 0
         #expect(o.status == expected)
         #expect(o.stdout.contains("# total: "))

@@ -33,19 +33,21 @@ public struct Backing: Sendable {
     /// by what the case needs (journaled: restored when the case ends).
     public static func hugetlb(_ kb: Int) -> Backing {
         Backing(id: "hugetlb-\(kb)k", summary: "an anonymous hugetlb page of \(kb) KiB", tags: ["hugetlb"]) { ctx in
-            guard let pool = ctx.probe.hugetlb.first(where: { $0.sizeKB == kb }) else {
+            guard ctx.probe.hugetlb.contains(where: { $0.sizeKB == kb }) else {
                 throw CaseSkip("no \(kb) KiB hugetlb pages on this kernel (no /sys/kernel/mm/hugepages/hugepages-\(kb)kB)")
             }
             let dir = "/sys/kernel/mm/hugepages/hugepages-\(kb)kB"
-            let free = readFile("\(dir)/free_hugepages").flatMap { Int($0.trimmed) } ?? 0
-            if free < hugetlbPagesPerCase {
-                let total = readFile("\(dir)/nr_hugepages").flatMap { Int($0.trimmed) } ?? pool.total
-                let want = total + hugetlbPagesPerCase - free
-                try SystemState.shared.set("\(dir)/nr_hugepages", String(want))
-                let got = readFile("\(dir)/free_hugepages").flatMap { Int($0.trimmed) } ?? 0
-                guard got >= hugetlbPagesPerCase else {
-                    throw CaseSkip("could reserve only \(got) free \(kb) KiB huge pages of \(hugetlbPagesPerCase) needed (memory fragmented?)")
-                }
+            func count(_ f: String) -> Int { readFile("\(dir)/\(f)").flatMap { Int($0.trimmed) } ?? 0 }
+            // Grow the pool by the deficit; pages a previous case still holds
+            // (io_uring releases registered buffers asynchronously) may make
+            // one step short, so take up to three.
+            var free = count("free_hugepages")
+            for _ in 0..<3 where free < hugetlbPagesPerCase {
+                try SystemState.shared.set("\(dir)/nr_hugepages", String(count("nr_hugepages") + hugetlbPagesPerCase - free))
+                free = count("free_hugepages")
+            }
+            guard free >= hugetlbPagesPerCase else {
+                throw CaseSkip("could reserve only \(free) free \(kb) KiB huge pages of \(hugetlbPagesPerCase) needed (memory fragmented?)")
             }
             let r = try Region.hugetlb(size: kb * 1024)
             r.fill(ctx.original)

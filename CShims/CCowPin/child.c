@@ -114,19 +114,8 @@ int cp_spawn(const struct cp_op *ops, size_t n, struct cp_child_status *status,
     return 0;
 }
 
-static int wait_pidfd(int pidfd, int timeout_ms)
-{
-    struct pollfd p = {.fd = pidfd, .events = POLLIN};
-    for (;;) {
-        int r = poll(&p, 1, timeout_ms);
-        if (r > 0)
-            return 0;
-        if (r == 0)
-            return -ETIMEDOUT;
-        if (errno != EINTR)
-            return -errno;
-    }
-}
+/* A pidfd is readable once the process has exited. */
+static int wait_pidfd(int pidfd, int timeout_ms) { return cp_wait_readable(pidfd, timeout_ms); }
 
 static int reap_now(pid_t pid, int *wstatus)
 {

@@ -93,10 +93,15 @@ public struct Backing: Sendable {
     public static let anonPage = Backing(
         id: "anon-page", summary: "an anonymous base page (MADV_NOHUGEPAGE)", tags: ["anon"]
     ) { ctx in
-        let page = Int(cp_page_size())
-        let r = try Region.anonymous(size: page, origin: "anonymous base page")
-        try r.madvise(Int32(CP_MADV_NOHUGEPAGE), name: "MADV_NOHUGEPAGE")
+        let r = try basePage("anonymous base page")
         r.fill(ctx.original)
+        return r
+    }
+
+    /// One anonymous page, MADV_NOHUGEPAGE (no THP, no mTHP), not touched yet.
+    static func basePage(_ origin: String) throws -> Region {
+        let r = try Region.anonymous(size: Int(cp_page_size()), origin: origin)
+        try r.madvise(Int32(CP_MADV_NOHUGEPAGE), name: "MADV_NOHUGEPAGE")
         return r
     }
 
@@ -131,8 +136,7 @@ public struct Backing: Sendable {
     public static let anonUnpopulated = Backing(
         id: "anon-unpopulated", summary: "an anonymous page never touched", tags: ["anon", "unpopulated"]
     ) { ctx in
-        let r = try Region.anonymous(size: Int(cp_page_size()), origin: "anonymous, never touched")
-        try r.madvise(Int32(CP_MADV_NOHUGEPAGE), name: "MADV_NOHUGEPAGE")
+        let r = try basePage("anonymous, never touched")
         ctx.original = .zero
         return r
     }
@@ -141,8 +145,7 @@ public struct Backing: Sendable {
     public static let anonZeropage = Backing(
         id: "anon-zeropage", summary: "an anonymous page mapping the shared zeropage (read, never written)", tags: ["anon", "zeropage"]
     ) { ctx in
-        let r = try Region.anonymous(size: Int(cp_page_size()), origin: "anonymous, read fault")
-        try r.madvise(Int32(CP_MADV_NOHUGEPAGE), name: "MADV_NOHUGEPAGE")
+        let r = try basePage("anonymous, read fault")
         cp_touch_read(r.base, r.size, r.pageSize)
         try requireFlag("zero_page", r, what: "the shared zeropage")
         ctx.original = .zero

@@ -31,6 +31,8 @@ public final class Region {
         var err: Int32 = 0
         let shift = Int32(size.trailingZeroBitCount) << Int32(CP_MAP_HUGE_SHIFT)
         guard let p = cp_mmap_anon(size, 0, Int32(CP_MAP_HUGETLB) | shift, &err) else {
+            // Another process (a parallel run) may have taken the free pages.
+            if err == ENOMEM { throw CaseSkip("no free \(size / 1024) KiB huge page for MAP_HUGETLB (the pool is used up)") }
             throw SyscallError("mmap(MAP_HUGETLB, \(size / 1024) KiB)", errno: err)
         }
         return Region(base: p, size: size, origin: "hugetlb \(size / 1024) KiB")

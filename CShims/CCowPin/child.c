@@ -50,14 +50,10 @@ static int64_t child_op(const struct cp_op *op)
         return munmap(op->addr, op->len) ? -errno : 0;
     case CP_OP_MPROTECT:
         return mprotect(op->addr, op->len, (int)op->arg) ? -errno : 0;
-    case CP_OP_MADVISE:
-        return madvise(op->addr, op->len, (int)op->arg) ? -errno : 0;
     case CP_OP_VMSPLICE:
         return cp_vmsplice(op->fd, op->addr, op->len);
     case CP_OP_READ:
         return cp_read_full(op->fd, op->addr2, op->len, (int)op->arg);
-    case CP_OP_EXIT:
-        _exit((int)op->arg);
     default:
         return -EINVAL;
     }
@@ -154,7 +150,6 @@ void cp_kill_reap(pid_t pid, int pidfd)
     close(pidfd);
 }
 
-int cp_wifexited(int s) { return WIFEXITED(s); }
 int cp_wexitstatus(int s) { return WEXITSTATUS(s); }
 int cp_wifsignaled(int s) { return WIFSIGNALED(s); }
 int cp_wtermsig(int s) { return WTERMSIG(s); }

@@ -122,10 +122,8 @@ enum cp_op_kind {
     CP_OP_COPY,        /* memcpy(addr2, addr, len) */
     CP_OP_MUNMAP,      /* munmap(addr, len) */
     CP_OP_MPROTECT,    /* mprotect(addr, len, arg) */
-    CP_OP_MADVISE,     /* madvise(addr, len, arg) */
     CP_OP_VMSPLICE,    /* vmsplice(fd, {addr, len}); result = bytes */
     CP_OP_READ,        /* read len bytes of fd into addr2, bounded by arg ms; result = bytes */
-    CP_OP_EXIT,        /* _exit(arg) */
 };
 
 struct cp_op {
@@ -165,7 +163,6 @@ int cp_reap(pid_t pid, int pidfd, int timeout_ms, int *wstatus);
 /* SIGKILL and reap (bounded); for cleanup paths. */
 void cp_kill_reap(pid_t pid, int pidfd);
 
-int cp_wifexited(int wstatus);
 int cp_wexitstatus(int wstatus);
 int cp_wifsignaled(int wstatus);
 int cp_wtermsig(int wstatus);

@@ -97,7 +97,5 @@ public final class CaseContext {
         }
     }
 
-    public func note(_ text: String) { notes.append(text) }
-
     var evidence: Evidence { Evidence(findings: findings, pages: pages, notes: notes) }
 }

@@ -88,8 +88,6 @@ public final class Region {
         isMapped = false
     }
 
-    /// A copy of what the mapping holds now.
-    public func snapshot() -> [UInt8] { Array(bytes) }
 }
 
 /// Memory shared between parent and child (MAP_SHARED): the child's reports.

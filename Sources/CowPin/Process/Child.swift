@@ -51,10 +51,6 @@ public struct ChildProgram {
         add("mprotect(\(prot))", CP_OP_MPROTECT, addr: region.base, len: region.size, arg: Int64(prot))
     }
 
-    public mutating func madvise(_ region: Region, _ advice: Int32) {
-        add("madvise(\(advice))", CP_OP_MADVISE, addr: region.base, len: region.size, arg: Int64(advice))
-    }
-
     /// vmsplice() the region into pipes (R/O pins held by the pipes).
     public mutating func vmsplice(_ region: Region, into pipes: SplicePipes) {
         for (pipe, range) in zip(pipes.pipes, pipes.ranges) {

@@ -28,12 +28,6 @@ public final class OSPipe {
         if writeEnd >= 0 { cp_close(writeEnd); writeEnd = -1 }
     }
 
-    /// F_SETPIPE_SZ; returns the size the kernel granted.
-    @discardableResult
-    public func setSize(_ bytes: Int) throws -> Int {
-        Int(try check("fcntl(F_SETPIPE_SZ, \(bytes))", cp_set_pipe_size(writeEnd, Int32(bytes))))
-    }
-
     /// Reads exactly `count` bytes (fewer at end of file), each wait bounded.
     public func read(count: Int, timeoutMs: Int32) throws -> [UInt8] {
         var out = [UInt8](repeating: 0, count: count)

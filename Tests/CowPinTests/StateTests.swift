@@ -52,7 +52,7 @@ struct StateTests {
             deadPID.value = child.pid
             // Journal and change on behalf of the child, as its own journal.
             mkdir(SystemState.directory, 0o700)
-            try "\(Self.knob)\t\(before)\n".write(toFile: SystemState.directory + "/journal-\(child.pid)", atomically: false, encoding: .utf8)
+            try "knob\t\(Self.knob)\t\(before)\n".write(toFile: SystemState.directory + "/journal-\(child.pid)", atomically: false, encoding: .utf8)
             try target.write(toFile: Self.knob, atomically: false, encoding: .utf8)
             kill(child.pid, SIGKILL)
             #expect(throws: HarnessError.self) { try child.finish() }

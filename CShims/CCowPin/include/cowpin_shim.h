@@ -216,6 +216,13 @@ int cp_vfio_unmap_dma(int container, uint64_t iova, uint64_t size);
 
 enum { CP_VFIO_BAR0 = 0, CP_VFIO_CONFIG = 7 };
 
+/* ---- swap ------------------------------------------------------------------ */
+
+/* Writes a version-1 swap header (what mkswap writes) for a device of `size` bytes. */
+int cp_write_swap_header(const char *device, uint64_t size, size_t page_size);
+int cp_swapon(const char *device);
+int cp_swapoff(const char *device);
+
 /* ---- misc ---------------------------------------------------------------- */
 
 long cp_page_size(void);

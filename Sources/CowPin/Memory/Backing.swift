@@ -22,8 +22,29 @@ public struct Backing: Sendable {
     /// mTHP sizes cowpin knows (x86-64: 16 KiB to 1 MiB); a kernel without one skips it.
     public static let mthpSizesKB = [16, 32, 64, 128, 256, 512, 1024]
 
-    /// The standard backings plus one anonymous mTHP of every size and hugetlb.
-    public static let withMTHP: [Backing] = standard + mthpSizesKB.map(mthp) + [hugetlb(2048)]
+    /// Anonymous memory of every kind cowpin knows: the standard backings, an
+    /// mTHP of every size, each of those swapped out, and hugetlb.
+    public static let withMTHP: [Backing] = {
+        let anon = standard + mthpSizesKB.map(mthp)
+        return anon + anon.map { $0.swappedOut() } + [hugetlb(2048)]
+    }()
+
+    /// This backing, then MADV_PAGEOUT: the case starts with the memory in swap
+    /// (a swap device is made when none is active; journaled, removed after).
+    public func swappedOut() -> Backing {
+        let base = self
+        return Backing(id: id + "-swapped", summary: summary + ", swapped out (MADV_PAGEOUT)", tags: tags + ["swap"]) { ctx in
+            try SystemState.shared.ensureSwap()
+            let r = try base.make(ctx)
+            try r.madvise(Int32(CP_MADV_PAGEOUT), name: "MADV_PAGEOUT")
+            for page in Set([0, r.pages - 1]) {
+                guard PageInfo.entry(address: r.address(ofPage: page))?.swapped == true else {
+                    throw CaseSkip("MADV_PAGEOUT did not swap out page \(page) of \(base.summary)")
+                }
+            }
+            return r
+        }
+    }
 
     /// Huge pages reserved per case: the region, the child's COW copy, and
     /// copies a pin may force.

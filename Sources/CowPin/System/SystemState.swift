@@ -13,9 +13,42 @@ public final class SystemState: @unchecked Sendable {
         access("/run", W_OK) == 0 ? "/run/cowpin" : "/var/tmp/cowpin"
     }
 
-    struct Change {
-        var path: String
-        var old: String
+    /// One undoable change, as a journal line.
+    enum Change {
+        /// A sysfs/procfs value and what it held before.
+        case knob(path: String, old: String)
+        /// A zram swap device cowpin created and enabled.
+        case zramSwap(device: Int)
+
+        var line: String {
+            switch self {
+            case .knob(let p, let old): return "knob\t\(p)\t\(old)"
+            case .zramSwap(let n): return "zram\t\(n)"
+            }
+        }
+
+        init?(line: Substring) {
+            let f = line.split(separator: "\t", maxSplits: 2, omittingEmptySubsequences: false)
+            switch (f.first, f.count) {
+            case ("knob", 3): self = .knob(path: String(f[1]), old: String(f[2]))
+            case ("zram", 2): guard let n = Int(f[1]) else { return nil }; self = .zramSwap(device: n)
+            default: return nil
+            }
+        }
+
+        /// Undoes the change; a description of what was restored.
+        func undo() -> String {
+            switch self {
+            case .knob(let p, let old):
+                let err = writeFile(p, old)
+                return "\(p) = \(old)" + (err.map { " (failed: \(Errno.name($0)))" } ?? "")
+            case .zramSwap(let n):
+                let off = cp_swapoff("/dev/zram\(n)")
+                let removed = writeFile("/sys/class/zram-control/hot_remove", String(n))
+                return "swapoff and removed /dev/zram\(n)" + (off < 0 && off != -EINVAL ? " (swapoff: \(Errno.name(-off)))" : "")
+                    + (removed.map { " (hot_remove: \(Errno.name($0)))" } ?? "")
+            }
+        }
     }
 
     private let state = Locked<[Change]>([])
@@ -27,10 +60,30 @@ public final class SystemState: @unchecked Sendable {
         guard let old = readFile(path)?.trimmed else { throw CaseSkip("cannot read \(path)") }
         let stored = Self.storedValue(path, old)
         if stored == value { return }
-        try journal(Change(path: path, old: stored))
+        try journal(.knob(path: path, old: stored))
         if let err = writeFile(path, value) {
             throw CaseSkip("cannot write '\(value)' to \(path): \(Errno.name(err))\(err == EACCES || err == EPERM ? " (needs root)" : "")")
         }
+    }
+
+    /// Makes sure a swap device is active: an existing one, or a zram device
+    /// created, formatted and enabled here (journaled: removed when the case ends).
+    public func ensureSwap() throws {
+        let active = ProbeParsing.swaps(readFile("/proc/swaps") ?? "")
+        if !active.isEmpty { return }
+        guard access("/sys/class/zram-control/hot_add", F_OK) == 0 else {
+            throw CaseSkip("no swap device, and no zram to create one (CONFIG_ZRAM, module zram)")
+        }
+        guard let n = readFile("/sys/class/zram-control/hot_add").flatMap({ Int($0.trimmed) }) else {
+            throw CaseSkip("cannot create a zram device (reading /sys/class/zram-control/hot_add needs root)")
+        }
+        try journal(.zramSwap(device: n))
+        let size: UInt64 = 256 << 20
+        if let err = writeFile("/sys/block/zram\(n)/disksize", String(size)) {
+            throw SyscallError("write /sys/block/zram\(n)/disksize", errno: err)
+        }
+        try check("mkswap /dev/zram\(n)", cp_write_swap_header("/dev/zram\(n)", size, Int(cp_page_size())))
+        try check("swapon /dev/zram\(n)", cp_swapon("/dev/zram\(n)"))
     }
 
     /// How to write back what a knob showed: "always [madvise] never" -> "madvise".
@@ -53,7 +106,7 @@ public final class SystemState: @unchecked Sendable {
                 journalFD = open(Self.directory + "/journal-\(getpid())", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
                 guard journalFD >= 0 else { throw SyscallError("open(\(Self.directory)/journal-\(getpid()))", errno: errno) }
             }
-            let line = Array("\(c.path)\t\(c.old)\n".utf8)
+            let line = Array((c.line + "\n").utf8)
             _ = line.withUnsafeBytes { write(journalFD, $0.baseAddress, $0.count) }
             fsync(journalFD)
             changes.append(c)
@@ -65,10 +118,7 @@ public final class SystemState: @unchecked Sendable {
     public func restore() -> [String] {
         state.with { changes in
             var done: [String] = []
-            for c in changes.reversed() {
-                let err = writeFile(c.path, c.old)
-                done.append("\(c.path) = \(c.old)" + (err.map { " (failed: \(Errno.name($0)))" } ?? ""))
-            }
+            for c in changes.reversed() { done.append(c.undo()) }
             changes.removeAll()
             if journalFD >= 0 {
                 close(journalFD)
@@ -90,11 +140,8 @@ public final class SystemState: @unchecked Sendable {
         for name in listDirectory(directory) where name.hasPrefix("journal-") {
             guard let pid = Int32(name.dropFirst("journal-".count)), pid != getpid(), !FuseServer.alive(pid) else { continue }
             let path = directory + "/" + name
-            let lines = (readFile(path) ?? "").split(separator: "\n").map { $0.split(separator: "\t", maxSplits: 1) }
-            for l in lines.reversed() where l.count == 2 {
-                writeFile(String(l[0]), String(l[1]))
-                restored.append("\(l[0]) = \(l[1]) (left by pid \(pid))")
-            }
+            let changes = (readFile(path) ?? "").split(separator: "\n").compactMap(Change.init(line:))
+            for c in changes.reversed() { restored.append("\(c.undo()) (left by pid \(pid))") }
             unlink(path)
         }
         return restored

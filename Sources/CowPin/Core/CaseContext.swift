@@ -34,7 +34,7 @@ public final class CaseContext {
     func cleanup() {
         while let c = cleanups.popLast() { c() }
         region?.release()
-        SystemState.shared.restore()
+        SystemState.shared.restore(caseOnly: true)
     }
 
     /// fork(); the child runs the program `build` writes. Killed and reaped

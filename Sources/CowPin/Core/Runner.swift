@@ -118,6 +118,8 @@ public final class Runner {
                 reporter.finished(r, number: number)
             }
         }
+        // Run-scoped state (a swap device) goes once the cases are done.
+        SystemState.shared.restore()
         reporter.end(totals)
         return totals
     }

@@ -52,22 +52,96 @@ public final class SystemState: @unchecked Sendable {
     }
 
     private let state = Locked<[Change]>([])
-    private var journalFD: Int32 = -1
     private var lockFD: Int32 = -1
+    private var exitHook = false
 
-    /// Sets a sysfs/procfs value, journaling the old one first; undone by `restore`.
+    /// Sets a sysfs/procfs value, journaling the old one first; undone when
+    /// the case ends. Holds the cross-process lock until then.
     public func set(_ path: String, _ value: String) throws {
         guard let old = readFile(path)?.trimmed else { throw CaseSkip("cannot read \(path)") }
         let stored = Self.storedValue(path, old)
         if stored == value { return }
-        try journal(.knob(path: path, old: stored))
+        try journal(.knob(path: path, old: stored), lock: true)
         if let err = writeFile(path, value) {
             throw CaseSkip("cannot write '\(value)' to \(path): \(Errno.name(err))\(err == EACCES || err == EPERM ? " (needs root)" : "")")
         }
     }
 
+    /// Whether a change is undone when its case ends (knobs), or when the run
+    /// ends (a swap device: set up once, shared by the cases that need it).
+    static func caseScoped(_ c: Change) -> Bool {
+        if case .knob = c { return true }
+        return false
+    }
+
+    private func journal(_ c: Change, lock: Bool) throws {
+        try state.with { changes in
+            if lock && lockFD < 0 {
+                mkdir(Self.directory, 0o700)
+                // One process changes global knobs at a time: a second one waits (bounded).
+                lockFD = open(Self.directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+                var waited = 0
+                while lockFD >= 0 && flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
+                    if waited >= 30_000 { throw CaseSkip("another cowpin run holds \(Self.directory)/lock (it is changing system state)") }
+                    usleep(100_000)
+                    waited += 100
+                }
+            }
+            changes.append(c)
+            try writeJournal(changes)
+        }
+    }
+
+    private var journalPath: String { Self.directory + "/journal-\(getpid())" }
+
+    /// Rewrites the journal with `changes` (removes it when empty); fsynced.
+    private func writeJournal(_ changes: [Change]) throws {
+        if changes.isEmpty {
+            unlink(journalPath)
+            return
+        }
+        mkdir(Self.directory, 0o700)
+        let fd = open(journalPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SyscallError("open(\(journalPath))", errno: errno) }
+        defer { close(fd) }
+        let text = Array(changes.map { $0.line + "\n" }.joined().utf8)
+        _ = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        fsync(fd)
+    }
+
+    /// Undoes the changes of the case that ends (`caseOnly`), or all of them
+    /// (the run ends), newest first, and returns what was restored.
+    @discardableResult
+    public func restore(caseOnly: Bool = false) -> [String] {
+        state.with { changes in
+            var done: [String] = []
+            for c in changes.reversed() where !caseOnly || Self.caseScoped(c) { done.append(c.undo()) }
+            changes.removeAll { !caseOnly || Self.caseScoped($0) }
+            try? writeJournal(changes)
+            if lockFD >= 0 {
+                close(lockFD)
+                lockFD = -1
+            }
+            return done
+        }
+    }
+
+    /// Restores everything when the process exits normally (test runners too).
+    public static func restoreAtExit() {
+        atexit { SystemState.shared.restore() }
+    }
+
+    private func registerExitHook() {
+        let first = state.with { _ -> Bool in
+            defer { exitHook = true }
+            return !exitHook
+        }
+        if first { Self.restoreAtExit() }
+    }
+
     /// Makes sure a swap device is active: an existing one, or a zram device
-    /// created, formatted and enabled here (journaled: removed when the case ends).
+    /// created, formatted and enabled here. It stays for the rest of the run
+    /// (journaled: removed at the end, on SIGINT/SIGTERM, or by the next run).
     public func ensureSwap() throws {
         let active = ProbeParsing.swaps(readFile("/proc/swaps") ?? "")
         if !active.isEmpty { return }
@@ -77,7 +151,8 @@ public final class SystemState: @unchecked Sendable {
         guard let n = readFile("/sys/class/zram-control/hot_add").flatMap({ Int($0.trimmed) }) else {
             throw CaseSkip("cannot create a zram device (reading /sys/class/zram-control/hot_add needs root)")
         }
-        try journal(.zramSwap(device: n))
+        registerExitHook()
+        try journal(.zramSwap(device: n), lock: false)
         let size: UInt64 = 256 << 20
         if let err = writeFile("/sys/block/zram\(n)/disksize", String(size)) {
             throw SyscallError("write /sys/block/zram\(n)/disksize", errno: err)
@@ -89,48 +164,6 @@ public final class SystemState: @unchecked Sendable {
     /// How to write back what a knob showed: "always [madvise] never" -> "madvise".
     static func storedValue(_ path: String, _ shown: String) -> String {
         ProbeParsing.bracketed(shown) ?? shown
-    }
-
-    private func journal(_ c: Change) throws {
-        try state.with { changes in
-            if journalFD < 0 {
-                mkdir(Self.directory, 0o700)
-                // One process changes global state at a time: a second run waits (bounded).
-                lockFD = open(Self.directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-                var waited = 0
-                while lockFD >= 0 && flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
-                    if waited >= 30_000 { throw CaseSkip("another cowpin run holds \(Self.directory)/lock (it is changing system state)") }
-                    usleep(100_000)
-                    waited += 100
-                }
-                journalFD = open(Self.directory + "/journal-\(getpid())", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
-                guard journalFD >= 0 else { throw SyscallError("open(\(Self.directory)/journal-\(getpid()))", errno: errno) }
-            }
-            let line = Array((c.line + "\n").utf8)
-            _ = line.withUnsafeBytes { write(journalFD, $0.baseAddress, $0.count) }
-            fsync(journalFD)
-            changes.append(c)
-        }
-    }
-
-    /// Undoes every change (newest first) and returns what was restored.
-    @discardableResult
-    public func restore() -> [String] {
-        state.with { changes in
-            var done: [String] = []
-            for c in changes.reversed() { done.append(c.undo()) }
-            changes.removeAll()
-            if journalFD >= 0 {
-                close(journalFD)
-                journalFD = -1
-                unlink(Self.directory + "/journal-\(getpid())")
-            }
-            if lockFD >= 0 {
-                close(lockFD)
-                lockFD = -1
-            }
-            return done
-        }
     }
 
     /// Restores what runs that died (SIGKILL) left in their journals.

@@ -1,4 +1,5 @@
 import CCowPin
+import Glibc
 
 /// Copy-on-write after fork() with no pin at all: the baseline every other
 /// family builds on (kselftest mm/cow.c "Basic COW after fork()").
@@ -6,6 +7,7 @@ public enum PlainCOWCases {
     public static let scenarios: [Scenario] = [
         parentWrites(mprotect: false),
         parentWrites(mprotect: true),
+        collapse(.beforeFork), collapse(.fullyShared), collapse(.lowerShared), collapse(.upperShared),
         Scenario(
             id: "cow/fork-child-writes", summary: "COW after fork(), the child writes",
             steps: ["fork()", "the child writes 0xcc over its view and reports it",
@@ -56,6 +58,59 @@ public enum PlainCOWCases {
             try child.finish()
             ctx.expect("child mapping", holds: ctx.original, seen: report.bytes,
                        meaning: "the parent's write reached the child: COW did not copy the page")
+            ctx.expectParent(holds: ctx.parentWrite, meaning: "the parent's own write is lost")
+        }
+    }
+
+    /// When MADV_COLLAPSE turns a PTE-mapped THP back into a PMD-mapped one,
+    /// relative to fork() (kselftest mm/cow.c "... when collapsing ...").
+    enum CollapseTime: String {
+        case beforeFork = "collapse-before-fork"
+        case fullyShared = "collapse-after-fork-fully-shared"
+        case lowerShared = "collapse-after-fork-lower-shared"
+        case upperShared = "collapse-after-fork-upper-shared"
+    }
+
+    static func collapse(_ when: CollapseTime) -> Scenario {
+        let sharing: String
+        switch when {
+        case .beforeFork: sharing = "MADV_COLLAPSE the PTE-mapped THP, then fork(); the child stays alive"
+        case .fullyShared: sharing = "fork(); the child stays alive; MADV_COLLAPSE in the parent (all of it COW-shared)"
+        case .lowerShared: sharing = "MADV_DONTFORK the upper half, fork(), MADV_DOFORK, MADV_COLLAPSE in the parent (the lower half is shared)"
+        case .upperShared: sharing = "MADV_DONTFORK the lower half, fork(), MADV_DOFORK, MADV_COLLAPSE in the parent (the upper half is shared)"
+        }
+        return Scenario(
+            id: "cow/\(when.rawValue)", summary: "COW after fork() and MADV_COLLAPSE, the parent writes",
+            steps: [sharing, "the parent writes 0xff over the whole THP", "the child reports what it shares: must hold the original content"],
+            tags: ["cow", "fork", "nopin", "collapse"], backings: [.thpPTE]
+        ) { ctx in
+            let region = ctx.region!
+            let half = region.size / 2
+            func collapse() throws {
+                let r = cp_madvise(region.base, region.size, Int32(CP_MADV_COLLAPSE))
+                if r == -EINVAL { throw CaseSkip("MADV_COLLAPSE is not supported (EINVAL; added in 6.1)") }
+                try check("madvise(MADV_COLLAPSE)", r)
+            }
+            let notForked: Range<Int>? = when == .lowerShared ? half..<region.size : when == .upperShared ? 0..<half : nil
+            let shared = notForked.map { $0.lowerBound == 0 ? half..<region.size : 0..<half } ?? 0..<region.size
+            if when == .beforeFork { try collapse() }
+            if let r = notForked { try region.madvise(Int32(CP_MADV_DONTFORK), name: "MADV_DONTFORK", range: r) }
+            let report = try ctx.sharedBuffer()
+            let child = try ctx.fork { c in
+                c.checkpoint()
+                c.report(region, into: report, range: shared)
+            }
+            try child.awaitCheckpoint()
+            if let r = notForked { try region.madvise(Int32(CP_MADV_DOFORK), name: "MADV_DOFORK", range: r) }
+            if when != .beforeFork { try collapse() }
+            ctx.parentWrites()
+            ctx.notePages("after collapse and the parent's write")
+            ctx.notePages("after collapse and the parent's write", child: child)
+            try child.resume()
+            try child.finish()
+            ctx.expect("child mapping (the shared part)", holds: Layout(ctx.original),
+                       seen: UnsafeRawBufferPointer(rebasing: report.bytes[shared]), at: shared.lowerBound,
+                       meaning: "the parent's write reached the child: the collapsed THP was not copied on write")
             ctx.expectParent(holds: ctx.parentWrite, meaning: "the parent's own write is lost")
         }
     }

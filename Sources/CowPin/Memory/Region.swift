@@ -72,8 +72,9 @@ public final class Region {
         content.materialize(into: UnsafeMutableRawBufferPointer(start: base + r.lowerBound, count: r.count), offset: r.lowerBound)
     }
 
-    public func madvise(_ advice: Int32, name: String) throws {
-        try check("madvise(\(name))", cp_madvise(base, size, advice))
+    public func madvise(_ advice: Int32, name: String, range: Range<Int>? = nil) throws {
+        let r = range ?? 0..<size
+        try check("madvise(\(name))", cp_madvise(base + r.lowerBound, r.count, advice))
     }
 
     public func mprotect(_ prot: Int32, range: Range<Int>? = nil) throws {

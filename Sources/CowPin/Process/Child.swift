@@ -37,10 +37,12 @@ public struct ChildProgram {
         add("write 0x\(hex(byte))", CP_OP_FILL, addr: region.base + r.lowerBound, len: r.count, arg: Int64(byte))
     }
 
-    /// Copy the child's view of the region into a shared buffer the parent can read.
-    public mutating func report(_ region: Region, into buffer: SharedBuffer) {
-        precondition(buffer.size >= region.size)
-        add("copy to report", CP_OP_COPY, addr: region.base, addr2: buffer.base, len: region.size)
+    /// Copy the child's view of the region (or of `range`) into a shared
+    /// buffer the parent can read, at the same offsets.
+    public mutating func report(_ region: Region, into buffer: SharedBuffer, range: Range<Int>? = nil) {
+        let r = range ?? 0..<region.size
+        precondition(buffer.size >= r.upperBound)
+        add("copy to report", CP_OP_COPY, addr: region.base + r.lowerBound, addr2: buffer.base + r.lowerBound, len: r.count)
     }
 
     public mutating func unmap(_ region: Region) {

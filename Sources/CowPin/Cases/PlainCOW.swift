@@ -88,7 +88,12 @@ public enum PlainCOWCases {
             let half = region.size / 2
             func collapse() throws {
                 let r = cp_madvise(region.base, region.size, Int32(CP_MADV_COLLAPSE))
-                if r == -EINVAL { throw CaseSkip("MADV_COLLAPSE is not supported (EINVAL; added in 6.1)") }
+                if r == -EINVAL {
+                    if let v = KernelVersion(ctx.probe.kernel.release), v < KernelVersion("6.1")! {
+                        throw CaseSkip("MADV_COLLAPSE is not supported (EINVAL; added in 6.1)")
+                    }
+                    throw CaseSkip("MADV_COLLAPSE refused to collapse this \(when == .beforeFork ? "" : "COW-shared ")THP (EINVAL)")
+                }
                 try check("madvise(MADV_COLLAPSE)", r)
             }
             let notForked: Range<Int>? = when == .lowerShared ? half..<region.size : when == .upperShared ? 0..<half : nil

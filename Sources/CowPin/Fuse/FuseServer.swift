@@ -95,15 +95,35 @@ public final class FuseServer {
     /// queue is the case's READ or WRITE: io_uring polls a pollable file
     /// before it writes, and every close() (a child's exit too) flushes.
     public func openFile() throws -> Int32 {
-        let fd = open(filePath, O_RDWR | Int32(CP_O_DIRECT) | O_CLOEXEC)
-        guard fd >= 0 else { throw SyscallError("open(\(filePath), O_DIRECT)", errno: errno) }
-        var p = pollfd(fd: fd, events: Int16(POLLIN | POLLOUT), revents: 0)
-        _ = poll(&p, 1, timeoutMs)
-        // close() of a duplicate flushes without releasing the file (a RELEASE
-        // is sent asynchronously and could land in a later hold).
-        let other = dup(fd)
-        if other >= 0 { close(other) }
-        return fd
+        // These calls wait for the server's answers inside the kernel, where
+        // no timeout applies: make them on a helper thread and bound the wait.
+        let done = try OSPipe()
+        let outcome = Locked<(fd: Int32, err: Int32)?>(nil)
+        let path = filePath, pollMs = timeoutMs
+        startThread {
+            let fd = open(path, O_RDWR | Int32(CP_O_DIRECT) | O_CLOEXEC)
+            let err = errno
+            if fd >= 0 {
+                var p = pollfd(fd: fd, events: Int16(POLLIN | POLLOUT), revents: 0)
+                _ = poll(&p, 1, pollMs)
+                // close() of a duplicate flushes without releasing the file (a
+                // RELEASE is sent asynchronously and could land in a later hold).
+                let other = dup(fd)
+                if other >= 0 { close(other) }
+            }
+            outcome.with { $0 = (fd, err) }
+            cp_signal(done.writeEnd)
+        }
+        let r = cp_await(done.readEnd, timeoutMs)
+        if r == -ETIMEDOUT {
+            shutdown() // aborts the connection: the helper's calls fail and it ends
+            throw HarnessError("FUSE: opening \(filePath) got no answer within \(timeoutMs) ms (connection aborted)")
+        }
+        try check("wait for open(\(filePath))", r)
+        guard let o = outcome.with({ $0 }), o.fd >= 0 else {
+            throw SyscallError("open(\(filePath), O_DIRECT)", errno: outcome.with { $0?.err } ?? EIO)
+        }
+        return o.fd
     }
 
     /// The next READ request is held until `releaseRead()`.

@@ -1,4 +1,5 @@
 import CCowPin
+import Glibc
 
 /// Long-term pins (a driver's DMA buffer) under fork(), mprotect() and writes.
 /// The events mirror kselftest mm/cow.c's R/O-pin and io_uring checks; each
@@ -115,6 +116,34 @@ public enum LongTermPinCases {
                 try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
             },
         ]
+        for (advice, name, childSees) in [(Int32(CP_MADV_DONTFORK), "dontfork", "does not map the region"),
+                                          (Int32(CP_MADV_WIPEONFORK), "wipeonfork", "maps zeroes")] {
+            let madv = "MADV_\(name.uppercased())"
+            list.append(scenario("\(name)-parent-writes", "\(madv) control: pin, fork() (the child \(childSees)), the parent writes",
+                                 ["madvise(\(madv)) on the region", "pin the region", "fork(); the child stays alive (it \(childSees))",
+                                  "the parent writes 0xff", "read through the pin: must show the write (on every kernel)"]
+                                    + (name == "wipeonfork" ? ["the child's view must be zeroes"] : []),
+                                 tags: ["fork", "control", name]) { ctx, region in
+                let r = cp_madvise(region.base, region.size, advice)
+                if r == -EINVAL { throw CaseSkip("\(madv) is refused for \(region.origin) (EINVAL)") }
+                try check("madvise(\(madv))", r)
+                let p = try pinned(pin, ctx)
+                let report = try ctx.sharedBuffer()
+                let child = try ctx.fork { c in
+                    c.checkpoint()
+                    if advice == Int32(CP_MADV_WIPEONFORK) { c.report(region, into: report) }
+                }
+                try child.awaitCheckpoint()
+                ctx.parentWrites()
+                ctx.notePages("after the parent's write")
+                try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning + ", although the region is \(madv)")
+                try child.resume()
+                try child.finish()
+                if advice == Int32(CP_MADV_WIPEONFORK) {
+                    ctx.expect("child mapping", holds: .zero, seen: report.bytes, meaning: "MADV_WIPEONFORK did not give the child zeroes")
+                }
+            })
+        }
         list.append(scenario("unpopulated-write", "pin memory never written (unpopulated or the zeropage), then write",
                              ["map memory and do not write it (never touched, or read: the zeropage is mapped)",
                               "pin the region", "the parent writes 0xff", "read through the pin: must show the write"],

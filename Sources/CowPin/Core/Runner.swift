@@ -17,13 +17,24 @@ public struct CaseResult: Sendable, Equatable {
     public var iteration: Int
     public var verdict: Verdict
     public var durationNs: UInt64
+    /// Where the time went.
+    public var phases: Phases?
 
-    public init(id: String, iteration: Int = 1, verdict: Verdict, durationNs: UInt64 = 0) {
+    public init(id: String, iteration: Int = 1, verdict: Verdict, durationNs: UInt64 = 0, phases: Phases? = nil) {
         self.id = id
         self.iteration = iteration
         self.verdict = verdict
         self.durationNs = durationNs
+        self.phases = phases
     }
+}
+
+/// A case's time, split: mapping and verifying the memory (THP, hugetlb,
+/// swap-out), the scenario itself (pins, forks, FUSE, DMA), and cleanup.
+public struct Phases: Codable, Sendable, Equatable {
+    public var memoryNs: UInt64 = 0
+    public var scenarioNs: UInt64 = 0
+    public var cleanupNs: UInt64 = 0
 }
 
 public struct Totals: Codable, Sendable, Equatable {
@@ -78,18 +89,36 @@ public final class Runner {
     /// Runs one case; never throws: every failure becomes a verdict.
     public func run(_ c: Case, iteration: Int = 1) -> CaseResult {
         let start = monotonicNs()
-        let verdict = Runner.exclusively { verdictOf(c) }
-        return CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - start)
+        var phases = Phases()
+        let verdict = Runner.exclusively { verdictOf(c, phases: &phases) }
+        return CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - start, phases: phases)
     }
 
     /// The verdict of one case (not serialized; `run` is).
     public func verdictOf(_ c: Case) -> Verdict {
+        var phases = Phases()
+        return verdictOf(c, phases: &phases)
+    }
+
+    func verdictOf(_ c: Case, phases: inout Phases) -> Verdict {
         if let reason = c.scenario.requirement(probe) { return .skip(reason: reason) }
         let ctx = CaseContext(case: c, probe: probe, timeoutMs: options.timeoutMs)
-        defer { ctx.cleanup() }
+        var mark = monotonicNs()
+        func lap() -> UInt64 {
+            let now = monotonicNs()
+            defer { mark = now }
+            return now - mark
+        }
+        defer {
+            _ = lap()
+            ctx.cleanup()
+            phases.cleanupNs = lap()
+        }
         do {
             ctx.region = try c.backing.make(ctx)
+            phases.memoryNs = lap()
             try c.scenario.body(ctx)
+            phases.scenarioNs = lap()
         } catch let s as CaseSkip {
             return .skip(reason: s.reason)
         } catch {

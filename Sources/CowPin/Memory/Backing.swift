@@ -57,6 +57,11 @@ public struct Backing: Sendable {
             guard ctx.probe.hugetlb.contains(where: { $0.sizeKB == kb }) else {
                 throw CaseSkip("no \(kb) KiB hugetlb pages on this kernel (no /sys/kernel/mm/hugepages/hugepages-\(kb)kB)")
             }
+            // Free huge pages are shared by every process: another run could
+            // take them between the check and the child's COW fault (SIGBUS).
+            // Only a process that reserves them, under the lock, can rely on them.
+            guard Probe.isRoot else { throw CaseSkip("reserving hugetlb pages for the case needs root (nr_hugepages)") }
+            try SystemState.shared.lockForCase()
             let dir = "/sys/kernel/mm/hugepages/hugepages-\(kb)kB"
             func count(_ f: String) -> Int { readFile("\(dir)/\(f)").flatMap { Int($0.trimmed) } ?? 0 }
             // Grow the pool by the deficit; pages a previous case still holds

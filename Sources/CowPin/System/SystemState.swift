@@ -76,20 +76,30 @@ public final class SystemState: @unchecked Sendable {
 
     private func journal(_ c: Change, lock: Bool) throws {
         try state.with { changes in
-            if lock && lockFD < 0 {
-                mkdir(Self.directory, 0o700)
-                // One process changes global knobs at a time: a second one waits (bounded).
-                lockFD = open(Self.directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-                var waited = 0
-                while lockFD >= 0 && flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
-                    if waited >= 30_000 { throw CaseSkip("another cowpin run holds \(Self.directory)/lock (it is changing system state)") }
-                    usleep(100_000)
-                    waited += 100
-                }
-            }
+            if lock { try takeLock() }
             changes.append(c)
             try writeJournal(changes)
         }
+    }
+
+    /// One process changes (or depends on) global knobs at a time: a second
+    /// one waits, bounded. Held until the case ends. Call with `state` held.
+    private func takeLock() throws {
+        guard lockFD < 0 else { return }
+        mkdir(Self.directory, 0o700)
+        lockFD = open(Self.directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        var waited = 0
+        while lockFD >= 0 && flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
+            if waited >= 30_000 { throw CaseSkip("another cowpin run holds \(Self.directory)/lock (it is changing system state)") }
+            usleep(100_000)
+            waited += 100
+        }
+    }
+
+    /// Holds the cross-process lock for the rest of the case, for a case that
+    /// depends on global state without changing it (free huge pages).
+    public func lockForCase() throws {
+        try state.with { _ in try takeLock() }
     }
 
     private var journalPath: String { Self.directory + "/journal-\(getpid())" }

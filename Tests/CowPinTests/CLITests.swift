@@ -83,7 +83,7 @@ struct CLITests {
     func unprivileged() throws {
         let setpriv = "/usr/bin/setpriv"
         guard Probe.isRoot, FileManager.default.isExecutableFile(atPath: setpriv) else {
-            Issue.record(Comment(rawValue: "SKIP: needs root and setpriv to drop privileges"), severity: .warning)
+            recordSkip("needs root and setpriv to drop privileges")
             return
         }
         let o = try Self.run(["run", "--filter", "cow/*", "--filter", "odirect-thread/*", "--filter", "iouring-fixed/*"],

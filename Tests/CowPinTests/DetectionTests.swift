@@ -31,7 +31,7 @@ struct DetectionTests {
         let c = Case(scenario: Self.droppedPin, backing: backing)
         let verdict = runner.run(c).verdict
         if case .skip(let reason) = verdict {
-            Issue.record(Comment(rawValue: "SKIP: \(reason)"), severity: .warning)
+            recordSkip("\(reason)")
             return
         }
         guard case .decoherent(let e) = verdict else {
@@ -108,7 +108,7 @@ struct DetectionTests {
         for (s, seenIs) in [(Self.droppedRead, "zeroes"), (Self.droppedWrite, "the original content")] {
             let v = runner.run(Case(scenario: s, backing: .anonPage)).verdict
             if case .skip(let reason) = v {
-                Issue.record(Comment(rawValue: "SKIP: \(reason)"), severity: .warning)
+                recordSkip("\(reason)")
                 continue
             }
             guard case .decoherent(let e) = v, let r = e.findings.first?.ranges.first else {

@@ -19,7 +19,7 @@ struct FuseTests {
     @Test("a request held past the timeout is an error, the connection is aborted, nothing stays mounted")
     func heldPastTimeout() throws {
         if let why = Self.usable {
-            Issue.record(Comment(rawValue: "SKIP: \(why)"), severity: .warning)
+            recordSkip("\(why)")
             return
         }
         final class Box: @unchecked Sendable { var mountpoint = "" }
@@ -51,7 +51,7 @@ struct FuseTests {
     @Test("mounts and directories of a cowpin process that died are removed")
     func staleMountsRemoved() throws {
         if let why = Self.usable {
-            Issue.record(Comment(rawValue: "SKIP: \(why)"), severity: .warning)
+            recordSkip("\(why)")
             return
         }
         // A pid that is certainly dead: a child we reaped.

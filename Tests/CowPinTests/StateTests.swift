@@ -12,14 +12,20 @@ struct StateTests {
         (try? String(contentsOfFile: path, encoding: .utf8)).map { ProbeParsing.bracketed($0) ?? $0.trimmingCharacters(in: .whitespacesAndNewlines) }
     }
 
+    /// The knob's value, or nil (recorded as a skip) when the test cannot change it.
+    static func knobValueIfRoot() -> String? {
+        guard Probe.isRoot, let value = shown(knob) else {
+            recordSkip("needs root and \(knob)")
+            return nil
+        }
+        return value
+    }
+
     static func other(than value: String) -> String { value == "4096" ? "4095" : "4096" }
 
     @Test("a knob changed for a case is back after it, and the journal is gone")
     func restoredAfterCase() throws {
-        guard Probe.isRoot, let before = Self.shown(Self.knob) else {
-            Issue.record(Comment(rawValue: "SKIP: needs root and \(Self.knob)"), severity: .warning)
-            return
-        }
+        guard let before = Self.knobValueIfRoot() else { return }
         let target = Self.other(than: before)
         let s = Scenario(id: "selftest/knob", summary: "", steps: [], tags: ["selftest"]) { _ in
             try SystemState.shared.set(Self.knob, target)
@@ -33,10 +39,7 @@ struct StateTests {
 
     @Test("the journal of a SIGKILLed process is restored by the next run")
     func recoveredAfterKill() throws {
-        guard Probe.isRoot, let before = Self.shown(Self.knob) else {
-            Issue.record(Comment(rawValue: "SKIP: needs root and \(Self.knob)"), severity: .warning)
-            return
-        }
+        guard let before = Self.knobValueIfRoot() else { return }
         let target = Self.other(than: before)
         // A process whose journal records a knob change is SIGKILLed while the
         // change is in place; the journal is written for it, as cowpin writes its own.
@@ -69,7 +72,7 @@ struct StateTests {
     @Test("SIGTERM mid-run: children reaped, FUSE unmounted, state restored, exit 143")
     func interrupted() throws {
         guard Probe.isRoot else {
-            Issue.record(Comment(rawValue: "SKIP: needs root"), severity: .warning)
+            recordSkip("needs root")
             return
         }
         var pid: pid_t = 0

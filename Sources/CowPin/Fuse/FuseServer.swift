@@ -222,14 +222,14 @@ public final class FuseServer {
             let f = line.split(separator: " ")
             guard f.count > 4 else { continue }
             let point = String(f[4])
-            if let pid = ownerPID(point), !alive(pid) {
+            if let pid = ownerPID(point), !processAlive(pid) {
                 umount2(point, Int32(MNT_DETACH))
                 rmdir(point)
             }
         }
         for name in listDirectory("/tmp") {
             let path = "/tmp/" + name
-            if let pid = ownerPID(path), !alive(pid) { rmdir(path) }
+            if let pid = ownerPID(path), !processAlive(pid) { rmdir(path) }
         }
     }
 
@@ -239,7 +239,6 @@ public final class FuseServer {
         return rest.split(separator: "-").first.flatMap { Int32($0) }
     }
 
-    static func alive(_ pid: Int32) -> Bool { kill(pid, 0) == 0 || errno != ESRCH }
 
     func command(_ c: UInt8) throws {
         var b = c
@@ -450,41 +449,4 @@ public final class FuseServer {
             _ = writev(devFD, iov, payload.count > 0 ? 2 : 1)
         }
     }
-}
-
-/// A value behind a pthread mutex.
-final class Locked<Value>: @unchecked Sendable {
-    private let m: UnsafeMutablePointer<pthread_mutex_t>
-    private var value: Value
-
-    init(_ value: Value) {
-        self.value = value
-        m = .allocate(capacity: 1)
-        pthread_mutex_init(m, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(m)
-        m.deallocate()
-    }
-
-    func with<T>(_ body: (inout Value) throws -> T) rethrows -> T {
-        pthread_mutex_lock(m)
-        defer { pthread_mutex_unlock(m) }
-        return try body(&value)
-    }
-}
-
-/// Runs `body` on a new detached thread (pthread; no Foundation).
-func startThread(_ body: @escaping () -> Void) {
-    final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
-    let box = Unmanaged.passRetained(Box(body)).toOpaque()
-    var t = pthread_t()
-    let r = pthread_create(&t, nil, { arg in
-        let b = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue() as! Box
-        b.body()
-        return nil
-    }, box)
-    precondition(r == 0, "pthread_create failed: \(r)")
-    pthread_detach(t)
 }

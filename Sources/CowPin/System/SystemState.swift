@@ -181,7 +181,7 @@ public final class SystemState: @unchecked Sendable {
     public static func recoverStale() -> [String] {
         var restored: [String] = []
         for name in listDirectory(directory) where name.hasPrefix("journal-") {
-            guard let pid = Int32(name.dropFirst("journal-".count)), pid != getpid(), !FuseServer.alive(pid) else { continue }
+            guard let pid = Int32(name.dropFirst("journal-".count)), pid != getpid(), !processAlive(pid) else { continue }
             let path = directory + "/" + name
             let changes = (readFile(path) ?? "").split(separator: "\n").compactMap(Change.init(line:))
             for c in changes.reversed() { restored.append("\(c.undo()) (left by pid \(pid))") }

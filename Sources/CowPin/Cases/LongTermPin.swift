@@ -157,7 +157,7 @@ public enum LongTermPinCases {
                              ["map a memfd page MAP_PRIVATE and read it (the pagecache page is mapped)",
                               "pin the region", "the parent writes 0xff (COW: an anonymous copy)",
                               "read through the pin: must show the write"],
-                             tags: ["pagecache"], backings: [.memfdPrivate]) { ctx, region in
+                             tags: ["pagecache"], backings: Backing.pagecacheBackings(for: pin)) { ctx, region in
             let p = try pinned(pin, ctx)
             ctx.parentWrites()
             ctx.notePages("after the write")

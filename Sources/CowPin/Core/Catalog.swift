@@ -11,7 +11,7 @@ public enum Catalog {
 
     public static let scenarios: [Scenario] =
         PlainCOWCases.scenarios + VmspliceCases.scenarios + pins.flatMap(LongTermPinCases.scenarios(for:))
-            + ODirectCases.scenarios
+            + ODirectCases.scenarios + FileCOWCases.scenarios + FilePinningCases.scenarios
 
     public static let all: [Case] = scenarios.flatMap { s in s.backings.map { Case(scenario: s, backing: $0) } }
 

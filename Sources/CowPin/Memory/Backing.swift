@@ -54,30 +54,37 @@ public struct Backing: Sendable {
     /// by what the case needs (journaled: restored when the case ends).
     public static func hugetlb(_ kb: Int) -> Backing {
         Backing(id: "hugetlb-\(kb)k", summary: "an anonymous hugetlb page of \(kb) KiB", tags: ["hugetlb"]) { ctx in
-            guard ctx.probe.hugetlb.contains(where: { $0.sizeKB == kb }) else {
-                throw CaseSkip("no \(kb) KiB hugetlb pages on this kernel (no /sys/kernel/mm/hugepages/hugepages-\(kb)kB)")
-            }
-            // Free huge pages are shared by every process: another run could
-            // take them between the check and the child's COW fault (SIGBUS).
-            // Only a process that reserves them, under the lock, can rely on them.
-            guard Probe.isRoot else { throw CaseSkip("reserving hugetlb pages for the case needs root (nr_hugepages)") }
-            try SystemState.shared.lockForCase()
-            let dir = "/sys/kernel/mm/hugepages/hugepages-\(kb)kB"
-            func count(_ f: String) -> Int { readFile("\(dir)/\(f)").flatMap { Int($0.trimmed) } ?? 0 }
-            // Grow the pool by the deficit; pages a previous case still holds
-            // (io_uring releases registered buffers asynchronously) may make
-            // one step short, so take up to three.
-            var free = count("free_hugepages")
-            for _ in 0..<3 where free < hugetlbPagesPerCase {
-                try SystemState.shared.set("\(dir)/nr_hugepages", String(count("nr_hugepages") + hugetlbPagesPerCase - free))
-                free = count("free_hugepages")
-            }
-            guard free >= hugetlbPagesPerCase else {
-                throw CaseSkip("could reserve only \(free) free \(kb) KiB huge pages of \(hugetlbPagesPerCase) needed (memory fragmented?)")
-            }
+            try reserveHugePages(kb: kb, count: hugetlbPagesPerCase, ctx: ctx)
             let r = try Region.hugetlb(size: kb * 1024)
             r.fill(ctx.original)
             return r
+        }
+    }
+
+    /// Makes `count` free huge pages of `kb` KiB available to the case: the
+    /// pool is grown by the deficit (journaled: restored when the case ends)
+    /// and the cross-process lock is held until the case ends.
+    static func reserveHugePages(kb: Int, count: Int, ctx: CaseContext) throws {
+        guard ctx.probe.hugetlb.contains(where: { $0.sizeKB == kb }) else {
+            throw CaseSkip("no \(kb) KiB hugetlb pages on this kernel (no /sys/kernel/mm/hugepages/hugepages-\(kb)kB)")
+        }
+        // Free huge pages are shared by every process: another run could
+        // take them between the check and the child's COW fault (SIGBUS).
+        // Only a process that reserves them, under the lock, can rely on them.
+        guard Probe.isRoot else { throw CaseSkip("reserving hugetlb pages for the case needs root (nr_hugepages)") }
+        try SystemState.shared.lockForCase()
+        let dir = "/sys/kernel/mm/hugepages/hugepages-\(kb)kB"
+        func value(_ f: String) -> Int { readFile("\(dir)/\(f)").flatMap { Int($0.trimmed) } ?? 0 }
+        // Grow the pool by the deficit; pages a previous case still holds
+        // (io_uring releases registered buffers asynchronously) may make
+        // one step short, so take up to three.
+        var free = value("free_hugepages")
+        for _ in 0..<3 where free < count {
+            try SystemState.shared.set("\(dir)/nr_hugepages", String(value("nr_hugepages") + count - free))
+            free = value("free_hugepages")
+        }
+        guard free >= count else {
+            throw CaseSkip("could reserve only \(free) free \(kb) KiB huge pages of \(count) needed (memory fragmented?)")
         }
     }
 
@@ -191,31 +198,6 @@ public struct Backing: Sendable {
         cp_touch_read(r.base, r.size, r.pageSize)
         try requireFlag("zero_page", r, what: "the huge zeropage")
         ctx.original = .zero
-        return r
-    }
-
-    /// A file page in a MAP_PRIVATE mapping, read before any write: the
-    /// pagecache page itself is mapped (R/O), not an anonymous copy.
-    public static let memfdPrivate = Backing(
-        id: "memfd-private", summary: "a memfd page mapped MAP_PRIVATE, read before any write (pagecache)", tags: ["file", "pagecache"]
-    ) { ctx in
-        let page = Int(cp_page_size())
-        let fd = try check("memfd_create", cp_memfd("cowpin-file"))
-        defer { cp_close(fd) }
-        let content = UnsafeMutableRawBufferPointer.allocate(byteCount: page, alignment: 8)
-        defer { content.deallocate() }
-        ctx.original.materialize(into: content)
-        try check("pwrite(memfd)", cp_pwrite_full(fd, content.baseAddress, page, 0))
-        var err: Int32 = 0
-        guard let p = cp_mmap_fd(page, Int32(CP_PROT_READ_WRITE), 0, fd, 0, &err) else {
-            throw SyscallError("mmap(memfd, MAP_PRIVATE)", errno: err)
-        }
-        let r = Region(base: p, size: page, origin: "memfd, MAP_PRIVATE")
-        cp_touch_read(r.base, r.size, r.pageSize)
-        if let e = PageInfo.entry(address: r.base), let pfn = e.pfn, let flags = PageInfo.kpageflags(pfn: pfn),
-           flags & (1 << 12) != 0 {
-            throw CaseSkip("the read fault mapped an anonymous page, not the pagecache page")
-        }
         return r
     }
 

@@ -8,6 +8,8 @@ public final class Region {
     public let pageSize: Int
     /// Where the mapping came from, for evidence ("anonymous, MADV_HUGEPAGE").
     public let origin: String
+    /// The file a file backing mapped (open until the case ends), or nil.
+    public var file: Int32?
     public private(set) var isMapped = true
 
     public init(base: UnsafeMutableRawPointer, size: Int, origin: String) {

@@ -38,6 +38,13 @@ int cp_munmap(void *addr, size_t len) { return munmap(addr, len) ? -errno : 0; }
 int cp_mprotect(void *addr, size_t len, int prot) { return mprotect(addr, len, prot) ? -errno : 0; }
 int cp_madvise(void *addr, size_t len, int advice) { return madvise(addr, len, advice) ? -errno : 0; }
 
+int cp_mremap_fixed(void *old_addr, size_t len, void *new_addr)
+{
+    void *p = mremap(old_addr, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr);
+    if (p == MAP_FAILED) return -errno;
+    return p == new_addr ? 0 : -EFAULT;
+}
+
 void cp_touch_read(const void *addr, size_t len, size_t page_size)
 {
     for (size_t i = 0; i < len; i += page_size)

@@ -1,15 +1,26 @@
 import CowPin
 import Testing
 
-/// The catalog on the running kernel: one test case per catalog case.
+/// The default selection on the running kernel: one test case per case
+/// (the "slow" gigantic-page cases are sampled by one test below).
 /// Coherent passes, skip is reported as skipped with the reason, decoherent
 /// fails with the evidence, error fails as a harness error.
 @Suite(.serialized)
 struct CatalogTests {
     static let runner = Runner()
 
-    @Test("case", arguments: Catalog.all.map(\.id))
+    @Test("case", arguments: try! Selection().select().map(\.id))
     func catalogCase(_ id: String) throws {
+        try check(id)
+    }
+
+    @Test("a slow case: an io_uring pin of a 1 GiB hugetlb page", arguments: ["iouring-fixed/exclusive-write/hugetlb-1048576k"])
+    func slowCase(_ id: String) throws {
+        #expect(try Selection().select().allSatisfy { !$0.tags.contains(Selection.slowTag) })
+        try check(id)
+    }
+
+    func check(_ id: String) throws {
         let c = try #require(Catalog.find(id))
         let r = Self.runner.run(c)
         switch r.verdict {

@@ -31,6 +31,8 @@ void *cp_mmap_fd(size_t len, int prot, int shared, int fd, int64_t offset, int *
 int cp_munmap(void *addr, size_t len);
 int cp_mprotect(void *addr, size_t len, int prot);
 int cp_madvise(void *addr, size_t len, int advice);
+/* mremap(MREMAP_MAYMOVE|MREMAP_FIXED) of [old, old+len) to new_addr; 0 or -errno. */
+int cp_mremap_fixed(void *old_addr, size_t len, void *new_addr);
 
 enum {
     CP_PROT_NONE = 0,

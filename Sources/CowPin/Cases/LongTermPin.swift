@@ -17,6 +17,8 @@ public enum LongTermPinCases {
     public static func scenarios(for pin: PinMethod) -> [Scenario] {
         // Every mTHP size too, where a pin is cheap to observe (not through a 100 ms DMA).
         let anon = pin is VFIOPin ? Backing.standard : Backing.withMTHP
+        // The events kselftest mm/cow.c runs on every THP shape too.
+        let matrix = pin is VFIOPin ? Backing.standard : Backing.cowMatrix
         func scenario(_ event: String, _ summary: String, _ steps: [String], tags: [String],
                       backings: [Backing]? = nil,
                       _ body: @escaping @Sendable (CaseContext, Region) throws -> Void) -> Scenario {
@@ -38,7 +40,7 @@ public enum LongTermPinCases {
             scenario("fork-parent-writes", "pin, fork() with the child alive, the parent writes",
                      ["pin the region", "fork(); the child stays alive", "the parent writes 0xff",
                       "read through the pin: must show the parent's write", "the child's view must still hold the original content"],
-                     tags: ["fork"]) { ctx, region in
+                     tags: ["fork"], backings: matrix) { ctx, region in
                 let p = try pinned(pin, ctx)
                 let report = try ctx.sharedBuffer()
                 let child = try ctx.fork { c in
@@ -76,7 +78,7 @@ public enum LongTermPinCases {
                      ["fork(); the child stays alive", "pin the region in the parent while it is COW-shared",
                       "the parent writes 0xff", "read through the pin: must show the write",
                       "the child's view must hold the original content"],
-                     tags: ["fork"]) { ctx, region in
+                     tags: ["fork"], backings: matrix) { ctx, region in
                 let report = try ctx.sharedBuffer()
                 let child = try ctx.fork { c in
                     c.checkpoint()
@@ -96,7 +98,7 @@ public enum LongTermPinCases {
             scenario("pin-previously-shared", "fork() and let the child exit, then pin and write",
                      ["fork(); the child exits at once", "pin the previously shared page",
                       "the parent writes 0xff", "read through the pin: must show the write"],
-                     tags: ["fork"]) { ctx, region in
+                     tags: ["fork"], backings: matrix) { ctx, region in
                 let child = try ctx.fork { _ in }
                 try child.finish()
                 let p = try pinned(pin, ctx)
@@ -107,7 +109,7 @@ public enum LongTermPinCases {
             scenario("mprotect-cycle-write", "pin, mprotect(PROT_READ) then PROT_READ|PROT_WRITE, write",
                      ["pin the region", "mprotect(PROT_READ), then mprotect(PROT_READ|PROT_WRITE)",
                       "the parent writes 0xff", "read through the pin: must show the write"],
-                     tags: ["mprotect"]) { ctx, region in
+                     tags: ["mprotect"], backings: matrix) { ctx, region in
                 let p = try pinned(pin, ctx)
                 try region.mprotect(Int32(CP_PROT_READ))
                 try region.mprotect(Int32(CP_PROT_READ_WRITE))
@@ -116,6 +118,58 @@ public enum LongTermPinCases {
                 try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
             },
         ]
+        let unswapped = anon.filter { !$0.tags.contains("swap") }
+        list.append(scenario("pageout-write", "pin, MADV_PAGEOUT (reclaim), then write",
+                             ["pin the region", "madvise(MADV_PAGEOUT): reclaim must not take the pinned pages from the process",
+                              "the parent writes 0xff", "read through the pin: must show the write"],
+                             tags: ["swap", "reclaim"], backings: unswapped.filter { !$0.tags.contains("hugetlb") }) { ctx, region in
+            try SystemState.shared.ensureSwap()
+            let p = try pinned(pin, ctx)
+            try region.madvise(Int32(CP_MADV_PAGEOUT), name: "MADV_PAGEOUT")
+            ctx.notePages("after MADV_PAGEOUT")
+            let swapped = PageInfo.entry(address: region.base)?.swapped == true
+            ctx.note("after MADV_PAGEOUT the first page is \(swapped ? "in swap: the process no longer maps the pinned page" : "still mapped")")
+            ctx.parentWrites()
+            ctx.notePages("after the write")
+            try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning + " (reclaim unmapped a pinned page; the write faulted in another)")
+        })
+        list.append(scenario("mremap-write", "pin, mremap() the range to a new address, write there",
+                             ["pin the region", "mremap(MREMAP_MAYMOVE|MREMAP_FIXED) it to a new, equally aligned address",
+                              "the parent writes 0xff at the new address", "read through the pin: must show the write"],
+                             tags: ["mremap"], backings: unswapped) { ctx, region in
+            let p = try pinned(pin, ctx)
+            do {
+                try region.move(alignment: region.size)
+            } catch let e as SyscallError where e.errno == EINVAL && region.origin.hasPrefix("hugetlb") {
+                throw CaseSkip("mremap() of hugetlb memory is not supported here (EINVAL; added in 5.16)")
+            }
+            ctx.notePages("after mremap()")
+            ctx.parentWrites()
+            ctx.notePages("after the write")
+            try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning + " (mremap() moved the mapping onto other pages)")
+        })
+        list.append(scenario("ksm-merge-pinned", "pin, offer the pages to KSM next to identical ones, then write",
+                             ["pin the region", "map two more copies of its content; MADV_MERGEABLE on all three; ksmd runs without sleeping",
+                              "wait (bounded) until ksmd merged the two copies, then for two more full scans",
+                              "the pinned pages must not have been merged (KSM skips pinned pages)",
+                              "the parent writes 0xff", "read through the pin: must show the write"],
+                             tags: ["ksm"], backings: Backing.standard) { ctx, region in
+            try KSM.start(ctx)
+            let p = try pinned(pin, ctx)
+            let twins = try KSM.twins(of: region)
+            try region.madvise(Int32(CP_MADV_MERGEABLE), name: "MADV_MERGEABLE")
+            guard KSM.poll({ KSM.merged(twins[0]) == true }) else {
+                if KSM.merged(twins[0]) == nil { throw CaseSkip("cannot verify the KSM merge: /proc/kpageflags and PFNs need root") }
+                throw CaseSkip("ksmd did not merge the unpinned copies within \(KSM.boundMs) ms")
+            }
+            try KSM.awaitFullScans(2)
+            ctx.notePages("after ksmd merged the copies and scanned twice more")
+            let merged = KSM.merged(region) == true
+            ctx.note("the pinned pages are \(merged ? "KSM pages: ksmd merged pinned pages" : "not merged")")
+            ctx.parentWrites()
+            ctx.notePages("after the write")
+            try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning + (merged ? " (ksmd merged the pinned page away from the process)" : ""))
+        })
         for (advice, name, childSees) in [(Int32(CP_MADV_DONTFORK), "dontfork", "does not map the region"),
                                           (Int32(CP_MADV_WIPEONFORK), "wipeonfork", "maps zeroes")] {
             let madv = "MADV_\(name.uppercased())"
@@ -167,7 +221,7 @@ public enum LongTermPinCases {
             list.append(scenario("pin-ro-exclusive", "R/O pin of an exclusive page mapped R/O, then write",
                                  ["mprotect(PROT_READ)", "pin the region (R/O)", "mprotect(PROT_READ|PROT_WRITE)",
                                   "the parent writes 0xff", "read through the pin: must show the write"],
-                                 tags: ["mprotect"]) { ctx, region in
+                                 tags: ["mprotect"], backings: matrix) { ctx, region in
                 try region.mprotect(Int32(CP_PROT_READ))
                 let p = try pinned(pin, ctx)
                 try region.mprotect(Int32(CP_PROT_READ_WRITE))

@@ -38,7 +38,7 @@ public enum PlainCOWCases {
             steps: ["fork(); the child stays alive"]
                 + (mprotect ? ["the parent calls mprotect(PROT_READ), then mprotect(PROT_READ|PROT_WRITE)"] : [])
                 + ["the parent writes 0xff", "the child reports its view: must hold the original content"],
-            tags: ["cow", "fork", "nopin"] + (mprotect ? ["mprotect"] : []), backings: Backing.withMTHP
+            tags: ["cow", "fork", "nopin"] + (mprotect ? ["mprotect"] : []), backings: Backing.cowMatrix
         ) { ctx in
             let region = ctx.region!
             let report = try ctx.sharedBuffer()

@@ -30,7 +30,7 @@ public enum VmspliceCases {
             steps: ["fork()", "the child vmsplice()s its view into a pipe and munmap()s it"]
                 + (mprotect ? ["the parent calls mprotect(PROT_READ), then mprotect(PROT_READ|PROT_WRITE)"] : [])
                 + ["the parent writes 0xff", "the child reads the pipe: must hold the original content"],
-            tags: ["vmsplice", "ro-pin", "fork"] + (mprotect ? ["mprotect"] : []), backings: Backing.withMTHP, knownIssue: hugetlbIssue
+            tags: ["vmsplice", "ro-pin", "fork"] + (mprotect ? ["mprotect"] : []), backings: Backing.cowMatrix, knownIssue: hugetlbIssue
         ) { ctx in
             let region = ctx.region!
             let pipes = try pipes(for: region)
@@ -67,7 +67,7 @@ public enum VmspliceCases {
                                : ["fork()", "the parent vmsplice()s the region into a pipe"])
                 + ["the parent munmap()s the region", "the child writes 0xcc and exits",
                    "the parent reads the pipe: must hold the original content"],
-            tags: ["vmsplice", "ro-pin", "fork", "leak"], backings: Backing.withMTHP, knownIssue: hugetlbIssue
+            tags: ["vmsplice", "ro-pin", "fork", "leak"], backings: Backing.cowMatrix, knownIssue: hugetlbIssue
         ) { ctx in
             let region = ctx.region!
             let pipes = try pipes(for: region)

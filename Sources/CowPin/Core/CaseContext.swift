@@ -84,6 +84,9 @@ public final class CaseContext {
         expect("parent mapping", holds: expected, seen: region.bytes, meaning: meaning)
     }
 
+    /// A line of evidence the case wants in its report (what the kernel did).
+    public func note(_ line: String) { notes.append(line) }
+
     /// Other contents a view could hold in this case (e.g. a file server's data).
     public var extraCandidates: [Content] = []
 

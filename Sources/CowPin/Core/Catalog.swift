@@ -23,12 +23,18 @@ public struct Selection: Sendable, Equatable {
     public var filters: [String]
     public var tags: [String]
     public var excludes: [String]
+    /// Cases tagged "slow" (gigantic pages) run only when asked for: with
+    /// this set, or when a selected tag is "slow".
+    public var includeSlow: Bool
 
-    public init(filters: [String] = [], tags: [String] = [], excludes: [String] = []) {
+    public init(filters: [String] = [], tags: [String] = [], excludes: [String] = [], includeSlow: Bool = false) {
         self.filters = filters
         self.tags = tags
         self.excludes = excludes
+        self.includeSlow = includeSlow
     }
+
+    public static let slowTag = "slow"
 
     public struct Unmatched: Error, CustomStringConvertible {
         public var description: String
@@ -50,6 +56,7 @@ public struct Selection: Sendable, Equatable {
             (filters.isEmpty || filters.contains { Self.glob($0, c.id) })
                 && tags.allSatisfy { c.tags.contains($0) }
                 && !excludes.contains { Self.glob($0, c.id) }
+                && (includeSlow || tags.contains(Self.slowTag) || !c.tags.contains(Self.slowTag))
         }
     }
 }

@@ -26,7 +26,7 @@ public struct Backing: Sendable {
     /// mTHP of every size, each of those swapped out, and hugetlb.
     public static let withMTHP: [Backing] = {
         let anon = standard + mthpSizesKB.map(mthp)
-        return anon + anon.map { $0.swappedOut() } + [hugetlb(2048)]
+        return anon + anon.map { $0.swappedOut() } + [hugetlb(2048), hugetlb(1_048_576)]
     }()
 
     /// This backing, then MADV_PAGEOUT: the case starts with the memory in swap
@@ -47,14 +47,18 @@ public struct Backing: Sendable {
     }
 
     /// Huge pages reserved per case: the region, the child's COW copy, and
-    /// copies a pin may force.
-    static let hugetlbPagesPerCase = 4
+    /// copies a pin may force. A gigantic page is never needed more than
+    /// twice at once (the region and one copy), and few are free at runtime.
+    static func hugetlbPagesPerCase(_ kb: Int) -> Int { kb >= 1 << 20 ? 2 : 4 }
 
     /// One anonymous hugetlb page of `kb` KiB (MAP_HUGETLB). The pool is grown
     /// by what the case needs (journaled: restored when the case ends).
     public static func hugetlb(_ kb: Int) -> Backing {
-        Backing(id: "hugetlb-\(kb)k", summary: "an anonymous hugetlb page of \(kb) KiB", tags: ["hugetlb"]) { ctx in
-            try reserveHugePages(kb: kb, count: hugetlbPagesPerCase, ctx: ctx)
+        // A gigantic page takes about a second per case to fill and compare:
+        // "slow" keeps it out of the default selection.
+        Backing(id: "hugetlb-\(kb)k", summary: "an anonymous hugetlb page of \(kb) KiB",
+                tags: ["hugetlb"] + (kb >= 1 << 20 ? [Selection.slowTag] : [])) { ctx in
+            try reserveHugePages(kb: kb, count: hugetlbPagesPerCase(kb), ctx: ctx)
             let r = try Region.hugetlb(size: kb * 1024)
             r.fill(ctx.original)
             return r

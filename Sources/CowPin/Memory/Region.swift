@@ -3,7 +3,7 @@ import Glibc
 
 /// A mapping the harness owns. Unmapped on release unless a case unmapped it.
 public final class Region {
-    public let base: UnsafeMutableRawPointer
+    public private(set) var base: UnsafeMutableRawPointer
     public let size: Int
     public let pageSize: Int
     /// Where the mapping came from, for evidence ("anonymous, MADV_HUGEPAGE").
@@ -11,6 +11,9 @@ public final class Region {
     /// The file a file backing mapped (open until the case ends), or nil.
     public var file: Int32?
     public private(set) var isMapped = true
+    /// Other mappings the backing made around the region (the rest of a THP,
+    /// its mremap()ed half), unmapped with it.
+    var companions: [(base: UnsafeMutableRawPointer, size: Int)] = []
 
     public init(base: UnsafeMutableRawPointer, size: Int, origin: String) {
         self.base = base
@@ -62,6 +65,29 @@ public final class Region {
             cp_munmap(base, size)
             isMapped = false
         }
+        for c in companions { cp_munmap(c.base, c.size) }
+        companions = []
+    }
+
+    /// Hands the mapping over to other regions: this one no longer unmaps it.
+    func abandon() {
+        isMapped = false
+        companions = []
+    }
+
+    /// Unmaps `mapping` with this region.
+    func keep(_ mapping: UnsafeMutableRawPointer, size: Int) { companions.append((mapping, size)) }
+
+    /// mremap(MREMAP_MAYMOVE|MREMAP_FIXED) to a new address aligned to
+    /// `alignment` (so a PMD mapping can stay one); the region follows.
+    public func move(alignment: Int) throws {
+        let target = try Region.anonymousAligned(size: size, alignment: max(alignment, pageSize), origin: "mremap target")
+        let to = target.base
+        target.isMapped = false // the mremap replaces it
+        let r = cp_mremap_fixed(base, size, to)
+        if r != 0 { cp_munmap(to, size) }
+        try check("mremap(MREMAP_MAYMOVE|MREMAP_FIXED)", r)
+        base = to
     }
 
     public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }

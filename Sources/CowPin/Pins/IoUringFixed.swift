@@ -81,12 +81,16 @@ public final class IoUring {
 final class IoUringFixed: Pin {
     let ring: IoUring
     let region: Region
+    /// The registered address: WRITE_FIXED must name it even after the
+    /// process mremap()s the region elsewhere.
+    let address: UnsafeMutableRawPointer
     let timeoutMs: Int32
     var registered = true
 
     init(ring: IoUring, region: Region, timeoutMs: Int32) {
         self.ring = ring
         self.region = region
+        address = region.base
         self.timeoutMs = timeoutMs
     }
 
@@ -96,7 +100,7 @@ final class IoUringFixed: Pin {
     func read() throws -> [UInt8] {
         let fd = try check("memfd_create", cp_memfd("cowpin-pin-view"))
         defer { cp_close(fd) }
-        let n = try ring.perform(.writeFixed, fd: fd, address: region.base, length: region.size, offset: 0, timeoutMs: timeoutMs)
+        let n = try ring.perform(.writeFixed, fd: fd, address: address, length: region.size, offset: 0, timeoutMs: timeoutMs)
         guard n == region.size else { throw HarnessError("WRITE_FIXED wrote \(n) of \(region.size) bytes") }
         var out = [UInt8](repeating: 0, count: region.size)
         let got = try out.withUnsafeMutableBytes { try check("pread(memfd)", cp_pread_full(fd, $0.baseAddress, $0.count, 0)) }

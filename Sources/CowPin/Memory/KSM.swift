@@ -1,0 +1,85 @@
+import CCowPin
+import Glibc
+
+/// Kernel samepage merging, driven deterministically: ksmd is started for the
+/// case with no sleep between scans (knobs journaled, restored when the case
+/// ends), and every wait is for something ksmd reports (a merged page, a
+/// completed full scan), bounded.
+enum KSM {
+    static let dir = "/sys/kernel/mm/ksm"
+    /// Bound for a merge or a full scan (ksmd with sleep_millisecs=0 takes ~1 ms here).
+    static let boundMs = 2_000
+
+    /// Starts ksmd for the case: run=1, sleep_millisecs=0, a large pages_to_scan.
+    static func start(_ ctx: CaseContext) throws {
+        guard ctx.probe.ksm.available else { throw CaseSkip(ctx.probe.ksm.detail) }
+        guard Probe.isRoot else { throw CaseSkip("starting ksmd needs root (/sys/kernel/mm/ksm/run)") }
+        try SystemState.shared.set("\(dir)/pages_to_scan", "4096")
+        try SystemState.shared.set("\(dir)/sleep_millisecs", "0")
+        try SystemState.shared.set("\(dir)/run", "1")
+    }
+
+    static var fullScans: Int { readFile("\(dir)/full_scans").flatMap { Int($0.trimmed) } ?? -1 }
+
+    /// Whether every page of `r` is a KSM page (kpageflags; nil if unreadable).
+    static func merged(_ r: Region) -> Bool? {
+        for page in 0..<r.pages {
+            guard let pfn = PageInfo.entry(address: r.address(ofPage: page))?.pfn, let f = PageInfo.kpageflags(pfn: pfn) else { return nil }
+            if f & (1 << 21) == 0 { return false }
+        }
+        return true
+    }
+
+    /// Polls `done` every 100 us until it holds; false after the bound.
+    static func poll(_ done: () -> Bool) -> Bool {
+        let deadline = monotonicNs() + UInt64(boundMs) * 1_000_000
+        while !done() {
+            if monotonicNs() > deadline { return false }
+            usleep(100)
+        }
+        return true
+    }
+
+    /// Waits until ksmd has finished `n` more full scans.
+    static func awaitFullScans(_ n: Int) throws {
+        let start = fullScans
+        guard start >= 0 else { throw CaseSkip("cannot read \(dir)/full_scans") }
+        guard poll({ fullScans >= start + n }) else {
+            throw HarnessError("ksmd did not complete \(n) full scans within \(boundMs) ms")
+        }
+    }
+
+    /// Two more mappings holding what `r` holds, MADV_MERGEABLE, merged with
+    /// each other (and with `r`, if the kernel lets it): proof that ksmd saw
+    /// this content. Unmapped with `r`.
+    static func twins(of r: Region) throws -> [Region] {
+        let twins = try (0..<2).map { _ in try Region.anonymous(size: r.size, origin: "KSM twin") }
+        for t in twins {
+            try t.madvise(Int32(CP_MADV_NOHUGEPAGE), name: "MADV_NOHUGEPAGE")
+            UnsafeMutableRawBufferPointer(start: t.base, count: t.size).copyMemory(from: r.bytes)
+            try t.madvise(Int32(CP_MADV_MERGEABLE), name: "MADV_MERGEABLE")
+            t.abandon()
+            r.keep(t.base, size: t.size)
+        }
+        return twins
+    }
+}
+
+extension Backing {
+    /// An anonymous base page merged by KSM with identical pages elsewhere:
+    /// a write-protected page shared across mappings, never anon-exclusive.
+    public static let ksmPage = Backing(
+        id: "ksm-page", summary: "an anonymous base page merged by KSM (MADV_MERGEABLE)", tags: ["anon", "ksm"]
+    ) { ctx in
+        try KSM.start(ctx)
+        let r = try basePage("anonymous, KSM-merged")
+        r.fill(ctx.original)
+        _ = try KSM.twins(of: r)
+        try r.madvise(Int32(CP_MADV_MERGEABLE), name: "MADV_MERGEABLE")
+        guard KSM.poll({ KSM.merged(r) == true }) else {
+            if KSM.merged(r) == nil { throw CaseSkip("cannot verify the KSM merge: /proc/kpageflags and PFNs need root") }
+            throw CaseSkip("ksmd did not merge the page within \(KSM.boundMs) ms")
+        }
+        return r
+    }
+}

@@ -89,6 +89,16 @@ int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_o
             return 0;
         i++;
     }
+    /* Whole blocks: generate the expected words, then one memcmp. */
+    uint64_t block[64];
+    while (i + sizeof block <= len) {
+        uint64_t first = (base_offset + i) >> 3;
+        for (size_t k = 0; k < 64; k++)
+            block[k] = pattern_word(seed, first + k);
+        if (memcmp(p + i, block, sizeof block))
+            return 0;
+        i += sizeof block;
+    }
     for (; i + 8 <= len; i += 8) {
         uint64_t w = pattern_word(seed, (base_offset + i) >> 3);
         if (memcmp(p + i, &w, 8))
@@ -132,10 +142,13 @@ long cp_smaps_value(const char *text, size_t len, uint64_t addr, const char *key
 int cp_all_equal(const void *buf, size_t len, uint8_t byte)
 {
     const uint8_t *p = buf;
-    for (size_t i = 0; i < len; i++)
+    size_t head = len < 256 ? len : 256;
+    for (size_t i = 0; i < head; i++)
         if (p[i] != byte)
             return 0;
-    return 1;
+    /* The head holds only `byte`; the rest does too exactly when the buffer
+     * equals itself shifted by the head's length (memcmp is vectorised). */
+    return len == head || memcmp(p, p + head, len - head) == 0;
 }
 
 size_t cp_diff_ranges(const void *a, const void *b, size_t len, size_t gap,

@@ -85,7 +85,19 @@ struct SelectionTests {
         let pmd = try Selection(filters: ["*thp-pmd"]).select(from: all)
         #expect(!pmd.isEmpty && pmd.allSatisfy { $0.id.hasSuffix("/thp-pmd") })
         let both = try Selection(filters: ["cow/*", "vmsplice/*"]).select(from: all)
-        #expect(both.count == all.filter { $0.id.hasPrefix("cow/") || $0.id.hasPrefix("vmsplice/") }.count)
+        let slow = { (c: Case) in c.tags.contains(Selection.slowTag) }
+        #expect(both.count == all.filter { ($0.id.hasPrefix("cow/") || $0.id.hasPrefix("vmsplice/")) && !slow($0) }.count)
+    }
+
+    @Test("slow cases run only when asked for")
+    func slowOnlyWhenAsked() throws {
+        let all = Catalog.all
+        let slow = all.filter { $0.tags.contains(Selection.slowTag) }
+        #expect(!slow.isEmpty && slow.allSatisfy { $0.id.contains("1048576k") })
+        #expect(try Selection().select(from: all).count == all.count - slow.count)
+        #expect(try Selection(includeSlow: true).select(from: all).count == all.count)
+        #expect(try Selection(tags: [Selection.slowTag]).select(from: all).count == slow.count)
+        #expect(try Selection(filters: ["cow/*"]).select(from: all).allSatisfy { !$0.tags.contains(Selection.slowTag) })
     }
 
     @Test func tagsAndExcludes() throws {

@@ -208,7 +208,7 @@ public enum LongTermPinCases {
             try ctx.expect(p, holds: ctx.parentWrite, meaning: "the pin still holds the zeropage (or another page) the process no longer maps: a device reads zeroes, not the data")
         })
         list.append(scenario("pagecache-write", "pin a file page in a MAP_PRIVATE mapping before its first write, then write",
-                             ["map a memfd page MAP_PRIVATE and read it (the pagecache page is mapped)",
+                             ["map a file page (memfd, tmpfs, ext4, hugetlbfs) MAP_PRIVATE and read it (the pagecache page is mapped)",
                               "pin the region", "the parent writes 0xff (COW: an anonymous copy)",
                               "read through the pin: must show the write"],
                              tags: ["pagecache"], backings: Backing.pagecacheBackings(for: pin)) { ctx, region in

@@ -87,6 +87,15 @@ public final class CaseContext {
     /// A line of evidence the case wants in its report (what the kernel did).
     public func note(_ line: String) { notes.append(line) }
 
+    /// For hugetlb regions: how many huge pages of the region's size are free
+    /// now (a COW that did not take a free page shows here).
+    public func noteHugetlbPool(_ step: String) {
+        guard region.origin.hasPrefix("hugetlb") else { return }
+        let dir = "/sys/kernel/mm/hugepages/hugepages-\(region.size / 1024)kB"
+        func value(_ f: String) -> String { readFile("\(dir)/\(f)")?.trimmed ?? "?" }
+        note("\(step): \(value("free_hugepages")) free, \(value("resv_hugepages")) reserved of \(value("nr_hugepages")) \(region.size / 1024) KiB huge pages")
+    }
+
     /// Other contents a view could hold in this case (e.g. a file server's data).
     public var extraCandidates: [Content] = []
 

@@ -3,7 +3,10 @@ public enum EvidenceText {
     public static func lines(_ e: Evidence) -> [String] {
         var out: [String] = []
         for f in e.findings {
-            out.append("\(f.view): expected \(f.expected); \(f.differingBytes) byte(s) differ in \(f.differingPages) page(s), \(f.totalRanges) range(s)")
+            // A finding about the kernel's answer (a pin taken or refused) has no bytes.
+            let bytes = f.totalRanges == 0 && f.differingBytes == 0 ? ""
+                : "; \(f.differingBytes) byte(s) differ in \(f.differingPages) page(s), \(f.totalRanges) range(s)"
+            out.append("\(f.view): expected \(f.expected)\(bytes)")
             out.append("  meaning: \(f.meaning)")
             for r in f.ranges {
                 let pages = r.firstPage == r.lastPage ? "page \(r.firstPage)" : "pages \(r.firstPage)-\(r.lastPage)"

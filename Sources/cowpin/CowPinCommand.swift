@@ -17,7 +17,7 @@ struct CowPinCommand: ParsableCommand {
             4 every selected case skipped.
             """,
         version: Catalog.version,
-        subcommands: [Run.self, List.self, Probe.self, Explain.self, MatrixCommand.self],
+        subcommands: [Run.self, List.self, Probe.self, Explain.self, MatrixCommand.self, Worker.self],
         defaultSubcommand: Run.self
     )
 
@@ -82,6 +82,9 @@ struct Run: ParsableCommand {
     @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"))
     var bisect: String?
 
+    @Flag(name: .customLong("in-process"), help: "Run the cases in this process instead of a worker process (for debugging: a crash then ends the run).")
+    var inProcess = false
+
     func validate() throws {
         guard repeatCount >= 1 && repeatCount <= 100_000 else { throw ValidationError("--repeat must be between 1 and 100000, got \(repeatCount)") }
         guard timeout > 0 && timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600] seconds, got \(timeout)") }
@@ -94,12 +97,13 @@ struct Run: ParsableCommand {
             guard let c = Catalog.find(id) else { throw ValidationError("unknown case '\(id)' for --bisect (see `cowpin list`)") }
             cases = [c]
         }
+        do { _ = try FaultInjection.fromEnvironment() } catch { throw ValidationError("\(error)") }
         // Interrupted runs clean up after themselves; killed ones are cleaned up here.
         Emergency.installSignalHandling()
         let recovered = SystemState.recoverStale()
         if !recovered.isEmpty { fputs("cowpin: restored what a killed run left: \(recovered.joined(separator: "; "))\n", stderr) }
         FuseServer.removeStale()
-        let runner = Runner(options: RunOptions(timeoutMs: Int32(timeout * 1000), repeatCount: repeatCount))
+        let options = RunOptions(timeoutMs: Int32(timeout * 1000), repeatCount: repeatCount)
         let out: (String) -> Void = { line in
             print(line)
             fflush(stdout)
@@ -107,7 +111,18 @@ struct Run: ParsableCommand {
         let reporter: Reporter = format == .json ? JSONReporter(write: out)
                                                  : KTAPReporter(timing: timing, repeatCount: repeatCount, write: out)
         let start = monotonicNs()
-        let totals = runner.run(cases, reporter: reporter)
+        let totals: Totals
+        if inProcess {
+            totals = Runner(options: options).run(cases, reporter: reporter)
+        } else {
+            // A worker process runs the cases: when the kernel kills it, only its case is lost.
+            let selected = [WorkerSelection.ranges(cases), WorkerSelection.digest(cases)]
+            let supervisor = Supervisor(cases: cases, options: options) { [repeatCount, timeout] from in
+                ["/proc/self/exe", "worker", "--cases", selected[0], "--digest", selected[1], "--from", String(from),
+                 "--repeat", String(repeatCount), "--timeout", String(timeout)]
+            }
+            totals = supervisor.run(reporter: reporter)
+        }
         if timing {
             let tenths = (monotonicNs() - start + 50_000) / 100_000
             let line = "total: \(tenths / 10).\(tenths % 10) ms for \(totals.total) case run(s)"
@@ -117,6 +132,39 @@ struct Run: ParsableCommand {
             throw ExitCode(totals.decoherent > 0 || totals.xfail > 0 ? 1 : totals.coherent + totals.xpass > 0 ? 0 : 125)
         }
         throw ExitCode(totals.exitCode)
+    }
+}
+
+/// `cowpin run`'s worker: runs the case runs after `--from` and reports each
+/// start and result on fd 3 (see `Supervisor`). Not for direct use.
+struct Worker: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run cases for `cowpin run` (internal).", shouldDisplay: false)
+
+    @Option(help: "Index ranges into the catalog (\"0-20,25\").") var cases: String
+
+    @Option(help: "The digest of the selected case ids.") var digest: String
+
+    @Option var from = 0
+
+    @Option(name: .customLong("repeat")) var repeatCount = 1
+
+    @Option var timeout: Double = 10
+
+    func run() throws {
+        guard fcntl(WorkerChannel.fd, F_GETFD) >= 0 else { throw ValidationError("the worker is started by `cowpin run`") }
+        _ = writeFile("/proc/self/comm", "cowpin-worker")  // its name in ps and the kernel log (exec of /proc/self/exe: "exe")
+        Emergency.installSignalHandling()
+        WorkerChannel.exitWithSupervisor()
+        guard let selected = WorkerSelection.cases(cases), WorkerSelection.digest(selected) == digest else {
+            throw ValidationError("--cases \(cases) does not name the cases of digest \(digest) in this binary's catalog")
+        }
+        var options = RunOptions(timeoutMs: Int32(timeout * 1000), repeatCount: repeatCount)
+        let fault: FaultInjection?
+        do { fault = try FaultInjection.fromEnvironment() } catch { throw ValidationError("\(error)") }
+        if let fault {
+            options.beforeScenario = { c in if c.id == fault.caseID { fault.trigger() } }
+        }
+        Runner(options: options).run(selected, reporter: WorkerChannel(), from: from)
     }
 }
 

@@ -4,9 +4,13 @@ public struct RunOptions: Sendable {
     /// Bound for every wait inside a case.
     public var timeoutMs: Int32 = 10_000
     public var repeatCount: Int = 1
-    public init(timeoutMs: Int32 = 10_000, repeatCount: Int = 1) {
+    /// Called once a case's memory is ready (its knobs are set), before its
+    /// scenario runs: the worker's fault injection (`COWPIN_INJECT_FAULT`).
+    public var beforeScenario: (@Sendable (Case) -> Void)?
+    public init(timeoutMs: Int32 = 10_000, repeatCount: Int = 1, beforeScenario: (@Sendable (Case) -> Void)? = nil) {
         self.timeoutMs = timeoutMs
         self.repeatCount = repeatCount
+        self.beforeScenario = beforeScenario
     }
 }
 
@@ -35,6 +39,12 @@ public struct Phases: Codable, Sendable, Equatable {
     public var memoryNs: UInt64 = 0
     public var scenarioNs: UInt64 = 0
     public var cleanupNs: UInt64 = 0
+
+    public init(memoryNs: UInt64 = 0, scenarioNs: UInt64 = 0, cleanupNs: UInt64 = 0) {
+        self.memoryNs = memoryNs
+        self.scenarioNs = scenarioNs
+        self.cleanupNs = cleanupNs
+    }
 }
 
 public struct Totals: Codable, Sendable, Equatable {
@@ -65,8 +75,14 @@ public struct Totals: Codable, Sendable, Equatable {
 /// Receives results as cases finish.
 public protocol Reporter: AnyObject {
     func begin(planned: Int, probe: Probe)
+    /// A case starts (the worker tells its supervisor which case it is in).
+    func started(_ c: Case, iteration: Int, number: Int)
     func finished(_ result: CaseResult, number: Int)
     func end(_ totals: Totals)
+}
+
+extension Reporter {
+    public func started(_ c: Case, iteration: Int, number: Int) {}
 }
 
 /// Runs cases one at a time (forks must not overlap: a concurrent fork()
@@ -117,6 +133,7 @@ public final class Runner {
         do {
             ctx.region = try c.backing.make(ctx)
             phases.memoryNs = lap()
+            options.beforeScenario?(c)
             try c.scenario.body(ctx)
             phases.scenarioNs = lap()
         } catch let s as CaseSkip {
@@ -134,14 +151,18 @@ public final class Runner {
     }
 
     /// Runs the cases (`repeatCount` times), streaming to the reporter.
+    /// `from` skips the first case runs of that sequence (a worker that
+    /// takes over from one that died); numbers stay those of the whole run.
     @discardableResult
-    public func run(_ cases: [Case], reporter: Reporter) -> Totals {
+    public func run(_ cases: [Case], reporter: Reporter, from: Int = 0) -> Totals {
         var totals = Totals()
         reporter.begin(planned: cases.count * options.repeatCount, probe: probe)
         var number = 0
         for iteration in 1...max(1, options.repeatCount) {
             for c in cases {
                 number += 1
+                if number <= from { continue }
+                reporter.started(c, iteration: iteration, number: number)
                 let r = run(c, iteration: iteration)
                 totals.add(r.verdict.kind)
                 reporter.finished(r, number: number)

@@ -209,6 +209,16 @@ public enum Emergency {
 
     public static func remove(_ id: Int) { _ = actions.with { $0.removeValue(forKey: id) } }
 
+    /// A supervisor's part, run first on SIGINT/SIGTERM/SIGHUP: it forwards
+    /// the signal to its worker and waits for it. `done` is what it cleaned up
+    /// itself; `quiet` when the worker printed its own report (then the
+    /// supervisor says something only when it had more to clean up).
+    static let forwarder = Locked<((Int32) -> (done: [String], quiet: Bool))?>(nil)
+
+    public static func onSignal(_ body: @escaping (Int32) -> (done: [String], quiet: Bool)) {
+        forwarder.with { $0 = body }
+    }
+
     /// Runs every registered cleanup (newest first), then restores system state.
     public static func runAll() -> [String] {
         let list = actions.with { a -> [(String, () -> Void)] in
@@ -236,7 +246,9 @@ public enum Emergency {
             var s = blocked
             var sig: Int32 = 0
             while sigwait(&s, &sig) != 0 {}
-            let done = runAll()
+            let forwarded = forwarder.with { $0 }?(sig)
+            let done = (forwarded?.done ?? []) + runAll()
+            if forwarded?.quiet == true && done.isEmpty { _exit(128 + sig) }
             var msg = "cowpin: interrupted by \(signalName(sig)); cleaned up: "
             msg += done.isEmpty ? "nothing to restore" : done.joined(separator: "; ")
             fputs(msg + "\n", stderr)

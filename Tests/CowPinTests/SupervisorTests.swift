@@ -1,0 +1,210 @@
+import CowPin
+import Foundation
+import Testing
+
+/// `cowpin run` runs the cases in a worker process: a worker the kernel kills
+/// in the middle of a case costs that case (an `error` naming the signal),
+/// what it changed is restored, and a new worker runs the rest.
+@Suite(.serialized)
+struct SupervisorTests {
+    /// Three cases in catalog order; the middle one sets an mTHP knob.
+    static let ids = ["cow/fork-parent-writes/anon-page", "cow/fork-parent-writes/mthp-64k", "cow/fork-parent-writes-mprotect/anon-page"]
+    static let knob = "/sys/kernel/mm/transparent_hugepage/hugepages-64kB/enabled"
+
+    static var selection: [String] { ids.flatMap { ["--filter", $0] } }
+
+    /// The knob's value, read under cowpin's cross-process lock: no case of
+    /// another run (tests run in parallel) has it changed meanwhile.
+    static func knobValue() -> String? {
+        mkdir(SystemState.directory, 0o700)
+        let fd = open(SystemState.directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        flock(fd, LOCK_EX)
+        defer { flock(fd, LOCK_UN) }
+        return StateTests.shown(knob)
+    }
+
+    /// Root and the 64 KiB mTHP knob: the middle case then changes the knob, and crashes.
+    static func knobIfRoot() -> String? {
+        guard Probe.isRoot, let value = knobValue() else {
+            recordSkip("needs root and \(knob) (the crashing case must change a knob)")
+            return nil
+        }
+        return value
+    }
+
+    /// Runs cowpin with `COWPIN_INJECT_FAULT` set for it alone (not for tests running in parallel).
+    static func run(injecting fault: String, _ args: [String]) throws -> CLITests.Output {
+        try CLITests.run(args, via: ["/usr/bin/env", "COWPIN_INJECT_FAULT=\(fault)"])
+    }
+
+    static func totals(of results: [String]) -> Totals {
+        var t = Totals()
+        for r in results {
+            t.add(r.contains(" # SKIP ") ? .skip : r.contains(" # ERROR ") ? .error : r.contains(" # XFAIL ") ? .xfail
+                  : r.contains(" # XPASS ") ? .xpass : r.hasPrefix("not ok ") ? .decoherent : .coherent)
+        }
+        return t
+    }
+
+    @Test("a worker killed mid-case: that case is an error naming the signal, its knob is restored, the run goes on",
+          arguments: [("sigbus", "SIGBUS (signal 7)"), ("sigsegv", "SIGSEGV (signal 11)"), ("sigkill", "SIGKILL (signal 9)")])
+    func crashInMiddleCase(_ fault: String, _ signal: String) throws {
+        guard let before = Self.knobIfRoot() else { return }
+        let o = try Self.run(injecting: "\(Self.ids[1]):\(fault)", ["run"] + Self.selection)
+        let (results, totals) = CLITests.checkKTAP(o.stdout)
+        try #require(results.count == 3, "stdout: \(o.stdout)\nstderr: \(o.stderr)")
+        #expect(results[0].hasPrefix("ok 1 \(Self.ids[0])"))
+        #expect(results[1].hasPrefix("not ok 2 \(Self.ids[1]) # ERROR the cowpin worker was killed by \(signal) during this case"),
+                "\(results[1])")
+        #expect(results[2].hasPrefix("ok 3 \(Self.ids[2])"))
+        #expect(totals?.hasSuffix(" error:1") == true, "\(totals ?? "no totals")")
+        let t = Self.totals(of: results)
+        #expect(t.error == 1)
+        #expect(totals == "# Totals: pass:\(t.coherent) fail:\(t.decoherent) xfail:\(t.xfail) xpass:\(t.xpass) skip:\(t.skip) error:\(t.error)")
+        #expect(o.status == t.exitCode && o.status == 2, "exit \(o.status)")
+        // The worker had set the knob for its case: the supervisor restored it from the worker's journal.
+        #expect(Self.knobValue() == before)
+        if before != "madvise" {
+            #expect(o.stderr.contains("restored what it left: \(Self.knob) = \(before)"), "stderr: \(o.stderr)")
+        }
+        #expect(o.stderr.contains("cowpin: the worker (pid "), "stderr: \(o.stderr)")
+    }
+
+    @Test("--format json still parses and carries the worker's crash as the case's error")
+    func jsonCarriesTheCrash() throws {
+        guard let before = Self.knobIfRoot() else { return }
+        let o = try Self.run(injecting: "\(Self.ids[1]):sigsegv", ["run", "--format", "json"] + Self.selection)
+        let doc = try JSONDecoder().decode(JSONReporter.Document.self, from: Data(o.stdout.utf8))
+        try #require(doc.results.count == 3)
+        #expect(doc.results.map(\.id) == Self.ids)
+        #expect(doc.results[1].verdict == .error)
+        #expect(doc.results[1].reason == "the cowpin worker was killed by SIGSEGV (signal 11) during this case")
+        #expect(doc.results[0].verdict != .error && doc.results[2].verdict != .error)
+        #expect(doc.totals.error == 1)
+        #expect(doc.exitCode == doc.totals.exitCode && doc.exitCode == o.status)
+        #expect(Self.knobValue() == before)
+    }
+
+    @Test("workers that die 3 times in a row end the run: the rest is reported as error")
+    func boundedRespawns() throws {
+        guard Self.knobIfRoot() != nil else { return }
+        let o = try Self.run(injecting: "\(Self.ids[1]):sigkill", ["run", "--filter", Self.ids[1], "--repeat", "5"])
+        let (results, totals) = CLITests.checkKTAP(o.stdout)
+        try #require(results.count == 5, "stdout: \(o.stdout)")
+        for (i, r) in results.prefix(3).enumerated() {
+            #expect(r.hasPrefix("not ok \(i + 1) \(Self.ids[1]) (run \(i + 1) of 5) # ERROR the cowpin worker was killed by SIGKILL"), "\(r)")
+        }
+        for r in results.suffix(2) {
+            #expect(r.contains("# ERROR not run: the cowpin worker died 3 times in a row without finishing a case"), "\(r)")
+        }
+        #expect(totals == "# Totals: pass:0 fail:0 xfail:0 xpass:0 skip:0 error:5")
+        #expect(o.status == 2)
+    }
+
+    @Test("--bisect: a worker crash is not testable (125)")
+    func bisectCrashIs125() throws {
+        guard Self.knobIfRoot() != nil else { return }
+        let o = try Self.run(injecting: "\(Self.ids[1]):sigbus", ["run", "--bisect", Self.ids[1]])
+        #expect(o.status == 125, "stdout: \(o.stdout)")
+    }
+
+    @Test("a malformed COWPIN_INJECT_FAULT is a usage error")
+    func badInjection() throws {
+        let o = try Self.run(injecting: "nonsense", ["run", "--filter", Self.ids[0]])
+        #expect(o.status == 2)
+        #expect(o.stderr.contains("COWPIN_INJECT_FAULT must be <case-id>:<sigbus|sigsegv|sigkill>"))
+    }
+
+    @Test("--in-process runs the cases without a worker, with the same output")
+    func inProcess() throws {
+        let a = try CLITests.cowpin("run", "--filter", Self.ids[0], "--filter", Self.ids[2])
+        let b = try CLITests.cowpin("run", "--in-process", "--filter", Self.ids[0], "--filter", Self.ids[2])
+        #expect(a.status == b.status)
+        #expect(a.stdout == b.stdout)
+    }
+
+    static func children(of pid: pid_t) -> [pid_t] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap(Int32.init).filter { p in
+            ((try? String(contentsOfFile: "/proc/\(p)/stat", encoding: .utf8)) ?? "")
+                .split(separator: ")").last?.split(separator: " ").dropFirst(1).first == "\(pid)"
+        }
+    }
+
+    @Test("SIGTERM to cowpin run reaches the worker: it cleans up, and the run exits 143")
+    func sigtermForwarded() throws {
+        guard Probe.isRoot else {
+            recordSkip("needs root")
+            return
+        }
+        var pid: pid_t = 0
+        let args: [String] = [CLITests.binary.path, "run", "--filter", "odirect*", "--filter", "*mthp-64k", "--repeat", "100"]
+        let argv = args.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let errPath = "/tmp/cowpin-supervisor-test-\(getpid()).err"
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        try #require(posix_spawn(&pid, CLITests.binary.path, &actions, nil, argv, environ) == 0)
+        posix_spawn_file_actions_destroy(&actions)
+        defer { unlink(errPath) }
+        usleep(1_500_000)
+        let workers = Self.children(of: pid)
+        kill(pid, SIGTERM)
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        #expect(st & 0x7f == 0 && (st >> 8) & 0xff == 143)
+        let err = (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""
+        #expect(err.contains("cowpin: interrupted by SIGTERM"), "stderr: \(err)")
+        #expect(workers.count == 1, "the run's worker: \(workers)")
+        for w in workers {
+            #expect(kill(w, 0) != 0, "worker \(w) is gone")
+            #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(w)"))
+            #expect(!FuseTests.cowpinMounts.contains { $0.hasPrefix("/tmp/cowpin-fuse-\(w)-") })
+            #expect(Self.children(of: w).isEmpty)
+        }
+    }
+}
+
+/// The worker's messages decode to what it sent.
+struct WorkerMessageTests {
+    @Test("results round-trip through the worker's message line", arguments: [
+        Verdict.coherent,
+        .skip(reason: "needs \"root\"\\ and\ta tab\n"),
+        .xfail(reason: "unfixed", reference: "mm/cow.c", evidence: Evidence(notes: ["n"])),
+        .xpass(reason: "unfixed – ünïcode", reference: "ref"),
+        .error("the cowpin worker was killed by SIGBUS (signal 7) during this case"),
+        .decoherent(Evidence(findings: [Finding(view: "pin", expected: "0xff", meaning: "m", differingBytes: 1, differingPages: 1,
+                                                totalRanges: 1, ranges: [])])),
+    ])
+    func roundTrip(_ v: Verdict) throws {
+        let r = CaseResult(id: "cow/fork-parent-writes/anon-page", iteration: 2, verdict: v, durationNs: 1234,
+                           phases: Phases(memoryNs: 1, scenarioNs: 2, cleanupNs: 3))
+        let line = WorkerChannel.resultLine(r, number: 7)
+        #expect(!line.contains("\n"))
+        let m = try JSONDecoder().decode(WorkerMessage.self, from: Data(line.utf8))
+        #expect(m.result?.number == 7)
+        #expect(m.result?.caseResult == r)
+    }
+}
+
+/// The worker gets the selection as index ranges into the catalog.
+struct WorkerSelectionTests {
+    @Test func rangesRoundTrip() throws {
+        let all = Catalog.all
+        let picks: [[Case]] = [all, [all[0]], Array(all[3...9]) + [all[12], all[11]] + Array(all.suffix(5)), [all[5], all[5]]]
+        for cases in picks {
+            let ranges = WorkerSelection.ranges(cases)
+            let back = try #require(WorkerSelection.cases(ranges), "\(ranges)")
+            #expect(back.map(\.id) == cases.map(\.id))
+            #expect(WorkerSelection.digest(back) == WorkerSelection.digest(cases))
+        }
+        #expect(WorkerSelection.ranges(all) == "0-\(all.count - 1)")
+        #expect(WorkerSelection.digest([all[0], all[1]]) != WorkerSelection.digest([all[1], all[0]]))
+        for bad in ["", "x", "3-1", "-1", "0-\(all.count)", "1,,2-"] {
+            #expect(WorkerSelection.cases(bad)?.count == nil, "\(bad)")
+        }
+    }
+}

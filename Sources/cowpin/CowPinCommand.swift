@@ -49,9 +49,12 @@ struct SelectionOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Leave out cases whose id matches this glob (repeatable).", valueName: "glob"))
     var exclude: [String] = []
 
+    @Flag(name: .long, help: "Include the cases tagged slow (1 GiB pages, about a second each), which are left out unless asked for (--slow or --tag slow).")
+    var slow = false
+
     func cases() throws -> [Case] {
         do {
-            return try Selection(filters: filter, tags: tag, excludes: exclude).select()
+            return try Selection(filters: filter, tags: tag, excludes: exclude, includeSlow: slow).select()
         } catch let e as Selection.Unmatched {
             throw ValidationError(e.description)
         }

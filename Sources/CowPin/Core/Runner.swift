@@ -23,13 +23,17 @@ public struct CaseResult: Sendable, Equatable {
     public var durationNs: UInt64
     /// Where the time went.
     public var phases: Phases?
+    /// What the case recorded about the kernel whatever the verdict (e.g.
+    /// "pin taken"); a decoherent verdict's evidence carries them too.
+    public var notes: [String]
 
-    public init(id: String, iteration: Int = 1, verdict: Verdict, durationNs: UInt64 = 0, phases: Phases? = nil) {
+    public init(id: String, iteration: Int = 1, verdict: Verdict, durationNs: UInt64 = 0, phases: Phases? = nil, notes: [String] = []) {
         self.id = id
         self.iteration = iteration
         self.verdict = verdict
         self.durationNs = durationNs
         self.phases = phases
+        self.notes = notes
     }
 }
 
@@ -106,19 +110,23 @@ public final class Runner {
     public func run(_ c: Case, iteration: Int = 1) -> CaseResult {
         let start = monotonicNs()
         var phases = Phases()
-        let verdict = Runner.exclusively { verdictOf(c, phases: &phases) }
-        return CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - start, phases: phases)
+        var notes: [String] = []
+        let verdict = Runner.exclusively { verdictOf(c, phases: &phases, notes: &notes) }
+        return CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - start, phases: phases,
+                          notes: verdict.evidence == nil ? notes : [])
     }
 
     /// The verdict of one case (not serialized; `run` is).
     public func verdictOf(_ c: Case) -> Verdict {
         var phases = Phases()
-        return verdictOf(c, phases: &phases)
+        var notes: [String] = []
+        return verdictOf(c, phases: &phases, notes: &notes)
     }
 
-    func verdictOf(_ c: Case, phases: inout Phases) -> Verdict {
+    func verdictOf(_ c: Case, phases: inout Phases, notes: inout [String]) -> Verdict {
         if let reason = c.scenario.requirement(probe) { return .skip(reason: reason) }
         let ctx = CaseContext(case: c, probe: probe, timeoutMs: options.timeoutMs)
+        defer { notes = ctx.notes }
         var mark = monotonicNs()
         func lap() -> UInt64 {
             let now = monotonicNs()

@@ -31,14 +31,18 @@ public final class JSONReporter: Reporter {
         public var reason: String?
         public var evidence: Evidence?
         public var durationMs: Double
+        /// What a case without evidence recorded about the kernel ("pin taken").
+        public var notes: [String]?
 
-        public init(id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, evidence: Evidence?, durationMs: Double) {
+        public init(id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, evidence: Evidence?, durationMs: Double,
+                    notes: [String]? = nil) {
             self.id = id
             self.iteration = iteration
             self.verdict = verdict
             self.reason = reason
             self.evidence = evidence
             self.durationMs = durationMs
+            self.notes = notes
         }
     }
 
@@ -52,7 +56,8 @@ public final class JSONReporter: Reporter {
 
     public func finished(_ r: CaseResult, number: Int) {
         results.append(Result(id: r.id, iteration: r.iteration, verdict: r.verdict.kind, reason: r.verdict.reason,
-                              evidence: r.verdict.evidence, durationMs: Double(r.durationNs) / 1e6))
+                              evidence: r.verdict.evidence, durationMs: Double(r.durationNs) / 1e6,
+                              notes: r.notes.isEmpty ? nil : r.notes))
     }
 
     public func end(_ totals: Totals) {

@@ -391,9 +391,11 @@ public struct WorkerResult: Codable, Equatable {
     public var evidence: Evidence?
     public var durationNs: UInt64
     public var phases: Phases?
+    public var notes: [String]?
 
     public init(_ r: CaseResult, number: Int) {
         self.number = number
+        notes = r.notes.isEmpty ? nil : r.notes
         id = r.id
         iteration = r.iteration
         verdict = r.verdict.kind
@@ -419,7 +421,7 @@ public struct WorkerResult: Codable, Equatable {
         case .xpass: v = .xpass(reason: reason ?? "", reference: reference ?? "")
         case .error: v = .error(reason ?? "")
         }
-        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases)
+        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases, notes: notes ?? [])
     }
 }
 
@@ -485,7 +487,7 @@ public final class WorkerChannel: Reporter {
     /// The message line of a result.
     public static func resultLine(_ r: CaseResult, number: Int, encoder: JSONEncoder = JSONEncoder()) -> String {
         let w = WorkerResult(r, number: number)
-        guard w.evidence == nil else {
+        guard w.evidence == nil && w.notes == nil else {
             return (try? encoder.encode(WorkerMessage(result: w))).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
         }
         var o = "{\"result\":{\"number\":\(w.number),\"id\":\(Self.quoted(w.id)),\"iteration\":\(w.iteration),"

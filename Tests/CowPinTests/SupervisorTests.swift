@@ -138,6 +138,7 @@ struct SupervisorTests {
             recordSkip("needs root")
             return
         }
+        let knobBefore = Self.knobValue()
         var pid: pid_t = 0
         let args: [String] = [CLITests.binary.path, "run", "--filter", "odirect*", "--filter", "*mthp-64k", "--repeat", "100"]
         let argv = args.map { strdup($0) } + [nil]
@@ -165,6 +166,8 @@ struct SupervisorTests {
             #expect(!FuseTests.cowpinMounts.contains { $0.hasPrefix("/tmp/cowpin-fuse-\(w)-") })
             #expect(Self.children(of: w).isEmpty)
         }
+        // The mTHP knob the cases set is back (read under the lock: runs in parallel set it too).
+        #expect(Self.knobValue() == knobBefore)
     }
 }
 

@@ -57,14 +57,32 @@ public final class SystemState: @unchecked Sendable {
 
     /// Sets a sysfs/procfs value, journaling the old one first; undone when
     /// the case ends. Holds the cross-process lock until then.
+    ///
+    /// Read, journal and write happen under the cross-process lock (another
+    /// run's change in place is never taken for the old value) and under
+    /// `state` (an interrupt's `restore` never runs between the journal and
+    /// the write, which would leave the change unjournaled).
     public func set(_ path: String, _ value: String) throws {
-        guard let old = readFile(path)?.trimmed else { throw CaseSkip("cannot read \(path)") }
-        let stored = Self.storedValue(path, old)
-        if stored == value { return }
-        try journal(.knob(path: path, old: stored), lock: true)
-        if let err = writeFile(path, value) {
-            throw CaseSkip("cannot write '\(value)' to \(path): \(Errno.name(err))\(err == EACCES || err == EPERM ? " (needs root)" : "")")
+        try state.with { changes in
+            try checkOpen(path)
+            try takeLock()
+            guard let old = readFile(path)?.trimmed else { throw CaseSkip("cannot read \(path)") }
+            let stored = Self.storedValue(path, old)
+            if stored == value { return }
+            changes.append(.knob(path: path, old: stored))
+            try writeJournal(changes)
+            if let err = writeFile(path, value) {
+                throw CaseSkip("cannot write '\(value)' to \(path): \(Errno.name(err))\(err == EACCES || err == EPERM ? " (needs root)" : "")")
+            }
         }
+    }
+
+    /// After an interrupt's cleanup nothing changes any more (the process is
+    /// about to exit; a case still running must not undo that cleanup).
+    private var closed = false
+
+    private func checkOpen(_ what: String) throws {
+        if closed { throw CaseSkip("cowpin is exiting (interrupted): \(what) is left as it is") }
     }
 
     /// Whether a change is undone when its case ends (knobs), or when the run
@@ -76,6 +94,7 @@ public final class SystemState: @unchecked Sendable {
 
     private func journal(_ c: Change, lock: Bool) throws {
         try state.with { changes in
+            try checkOpen(c.line)
             if lock { try takeLock() }
             changes.append(c)
             try writeJournal(changes)
@@ -136,6 +155,12 @@ public final class SystemState: @unchecked Sendable {
         }
     }
 
+    /// Restores everything for an interrupted process, and refuses changes from then on.
+    public func restoreAndClose() -> [String] {
+        state.with { _ in closed = true }
+        return restore()
+    }
+
     /// Restores everything when the process exits normally (test runners too).
     public static func restoreAtExit() {
         atexit { SystemState.shared.restore() }
@@ -162,7 +187,10 @@ public final class SystemState: @unchecked Sendable {
             throw CaseSkip("cannot create a zram device (reading /sys/class/zram-control/hot_add needs root)")
         }
         registerExitHook()
-        try journal(.zramSwap(device: n), lock: false)
+        do { try journal(.zramSwap(device: n), lock: false) } catch {
+            _ = writeFile("/sys/class/zram-control/hot_remove", String(n))
+            throw error
+        }
         let size: UInt64 = 256 << 20
         if let err = writeFile("/sys/block/zram\(n)/disksize", String(size)) {
             throw SyscallError("write /sys/block/zram\(n)/disksize", errno: err)
@@ -230,7 +258,7 @@ public enum Emergency {
             body()
             done.append(what)
         }
-        return done + SystemState.shared.restore()
+        return done + SystemState.shared.restoreAndClose()
     }
 
     /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (call before any other
@@ -246,6 +274,9 @@ public enum Emergency {
             var s = blocked
             var sig: Int32 = 0
             while sigwait(&s, &sig) != 0 {}
+            // The cleanup kills children: a write to one's pipe must not end
+            // the process by SIGPIPE before the cleanup is done.
+            signal(SIGPIPE, SIG_IGN)
             let forwarded = forwarder.with { $0 }?(sig)
             let done = (forwarded?.done ?? []) + runAll()
             if forwarded?.quiet == true && done.isEmpty { _exit(128 + sig) }

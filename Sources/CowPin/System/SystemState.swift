@@ -123,7 +123,9 @@ public final class SystemState: @unchecked Sendable {
 
     private var journalPath: String { Self.directory + "/journal-\(getpid())" }
 
-    /// Rewrites the journal with `changes` (removes it when empty); fsynced.
+    /// Rewrites the journal with `changes` (removes it when empty). Not
+    /// fsynced: it must outlive the process (a SIGKILL), not the machine
+    /// (after a reboot the knobs are back at their boot values anyway).
     private func writeJournal(_ changes: [Change]) throws {
         if changes.isEmpty {
             unlink(journalPath)
@@ -135,7 +137,6 @@ public final class SystemState: @unchecked Sendable {
         defer { close(fd) }
         let text = Array(changes.map { $0.line + "\n" }.joined().utf8)
         _ = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        fsync(fd)
     }
 
     /// Undoes the changes of the case that ends (`caseOnly`), or all of them
@@ -146,7 +147,8 @@ public final class SystemState: @unchecked Sendable {
             var done: [String] = []
             for c in changes.reversed() where !caseOnly || Self.caseScoped(c) { done.append(c.undo()) }
             changes.removeAll { !caseOnly || Self.caseScoped($0) }
-            try? writeJournal(changes)
+            // Rewritten only when it changed (a run-scoped swap entry stays put).
+            if !done.isEmpty || !caseOnly { try? writeJournal(changes) }
             if lockFD >= 0 {
                 close(lockFD)
                 lockFD = -1

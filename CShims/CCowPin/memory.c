@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
@@ -38,6 +39,36 @@ int cp_munmap(void *addr, size_t len) { return munmap(addr, len) ? -errno : 0; }
 int cp_mprotect(void *addr, size_t len, int prot) { return mprotect(addr, len, prot) ? -errno : 0; }
 int cp_madvise(void *addr, size_t len, int advice) { return madvise(addr, len, advice) ? -errno : 0; }
 
+/* The PAGEMAP_SCAN ABI (include/uapi/linux/fs.h, 6.7); older system headers lack it. */
+struct cp_pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+struct cp_page_region { uint64_t start, end, categories; };
+#define CP_PAGEMAP_SCAN _IOWR('f', 16, struct cp_pm_scan_arg)
+#define CP_PAGE_IS_HUGE (1 << 6)
+
+int cp_pmd_mapped(void *addr, size_t len)
+{
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct cp_page_region r[2];
+    struct cp_pm_scan_arg a;
+    memset(&a, 0, sizeof a);
+    a.size = sizeof a;
+    a.start = (uint64_t)(uintptr_t)addr;
+    a.end = a.start + len;
+    a.vec = (uint64_t)(uintptr_t)r;
+    a.vec_len = 2;
+    a.category_mask = CP_PAGE_IS_HUGE;
+    a.return_mask = CP_PAGE_IS_HUGE;
+    int n = ioctl(fd, CP_PAGEMAP_SCAN, &a);
+    int err = errno;
+    close(fd);
+    if (n < 0) return -err;
+    return n == 1 && r[0].start == a.start && r[0].end == a.end;
+}
+
 int cp_mremap_fixed(void *old_addr, size_t len, void *new_addr)
 {
     void *p = mremap(old_addr, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr);
@@ -52,13 +83,31 @@ void cp_touch_read(const void *addr, size_t len, size_t page_size)
 }
 
 /* One 64-bit word of the pattern: a mix of the seed and the word's index. */
-static uint64_t pattern_word(uint32_t seed, uint64_t word_index)
+/* The case's pattern: word i is a hash of (seed, i mod 512) salted with the
+ * page number (i / 512), so every 8 bytes of a page differ, every page
+ * differs, and filling or checking costs one xor per word after 512 hashes. */
+#define PATTERN_PAGE_WORDS 512
+
+static uint64_t pattern_mix(uint32_t seed, uint64_t k)
 {
-    uint64_t x = word_index * 0x9E3779B97F4A7C15ull ^ (((uint64_t)seed << 32) | seed);
+    uint64_t x = k * 0x9E3779B97F4A7C15ull ^ (((uint64_t)seed << 32) | seed);
     x ^= x >> 31;
     x *= 0xBF58476D1CE4E5B9ull;
     x ^= x >> 29;
     return x;
+}
+
+static uint64_t pattern_salt(uint64_t page) { return page * 0xD1B54A32D192ED03ull; }
+
+static uint64_t pattern_word(uint32_t seed, uint64_t word_index)
+{
+    return pattern_mix(seed, word_index % PATTERN_PAGE_WORDS) ^ pattern_salt(word_index / PATTERN_PAGE_WORDS);
+}
+
+static void pattern_table(uint32_t seed, uint64_t table[PATTERN_PAGE_WORDS])
+{
+    for (uint64_t k = 0; k < PATTERN_PAGE_WORDS; k++)
+        table[k] = pattern_mix(seed, k);
 }
 
 uint8_t cp_pattern_byte(uint32_t seed, size_t offset)
@@ -66,15 +115,21 @@ uint8_t cp_pattern_byte(uint32_t seed, size_t offset)
     return (uint8_t)(pattern_word(seed, offset >> 3) >> ((offset & 7) * 8));
 }
 
+/* Async-signal-safe (a child may fill): the table lives on the stack. */
 void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset)
 {
     uint8_t *p = addr;
     size_t i = 0;
     while (i < len && ((base_offset + i) & 7))
         p[i] = cp_pattern_byte(seed, base_offset + i), i++;
-    for (; i + 8 <= len; i += 8) {
-        uint64_t w = pattern_word(seed, (base_offset + i) >> 3);
-        memcpy(p + i, &w, 8);
+    if (len - i >= 8) {
+        uint64_t table[PATTERN_PAGE_WORDS];
+        pattern_table(seed, table);
+        for (; i + 8 <= len; i += 8) {
+            uint64_t wi = (base_offset + i) >> 3;
+            uint64_t w = table[wi % PATTERN_PAGE_WORDS] ^ pattern_salt(wi / PATTERN_PAGE_WORDS);
+            memcpy(p + i, &w, 8);
+        }
     }
     for (; i < len; i++)
         p[i] = cp_pattern_byte(seed, base_offset + i);
@@ -91,13 +146,17 @@ int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_o
     }
     /* Whole blocks: generate the expected words, then one memcmp. */
     uint64_t block[64];
-    while (i + sizeof block <= len) {
-        uint64_t first = (base_offset + i) >> 3;
-        for (size_t k = 0; k < 64; k++)
-            block[k] = pattern_word(seed, first + k);
-        if (memcmp(p + i, block, sizeof block))
-            return 0;
-        i += sizeof block;
+    if (len - i >= sizeof block) {
+        uint64_t table[PATTERN_PAGE_WORDS];
+        pattern_table(seed, table);
+        while (i + sizeof block <= len) {
+            uint64_t first = (base_offset + i) >> 3;
+            for (size_t k = 0; k < 64; k++)
+                block[k] = table[(first + k) % PATTERN_PAGE_WORDS] ^ pattern_salt((first + k) / PATTERN_PAGE_WORDS);
+            if (memcmp(p + i, block, sizeof block))
+                return 0;
+            i += sizeof block;
+        }
     }
     for (; i + 8 <= len; i += 8) {
         uint64_t w = pattern_word(seed, (base_offset + i) >> 3);

@@ -31,6 +31,10 @@ void *cp_mmap_fd(size_t len, int prot, int shared, int fd, int64_t offset, int *
 int cp_munmap(void *addr, size_t len);
 int cp_mprotect(void *addr, size_t len, int prot);
 int cp_madvise(void *addr, size_t len, int advice);
+/* Whether all of [addr, addr+len) is mapped by huge page table entries (a
+ * PMD-mapped THP): 1 or 0, from the PAGEMAP_SCAN ioctl (PAGE_IS_HUGE, 6.7+);
+ * -errno when the kernel has no PAGEMAP_SCAN (the caller reads smaps). */
+int cp_pmd_mapped(void *addr, size_t len);
 /* mremap(MREMAP_MAYMOVE|MREMAP_FIXED) of [old, old+len) to new_addr; 0 or -errno. */
 int cp_mremap_fixed(void *old_addr, size_t len, void *new_addr);
 

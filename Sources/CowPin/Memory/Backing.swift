@@ -158,9 +158,9 @@ public struct Backing: Sendable {
         // folio stays a THP.
         try r.mprotect(Int32(CP_PROT_READ), range: r.pageSize..<(2 * r.pageSize))
         try r.mprotect(Int32(CP_PROT_READ_WRITE), range: r.pageSize..<(2 * r.pageSize))
-        let huge = PageInfo.smapsValue("AnonHugePages", containing: r.base) ?? -1
+        let huge = PageInfo.pmdMappedKB(r) ?? -1
         guard huge == 0 else {
-            throw CaseSkip("THP still PMD-mapped after the mprotect() split (AnonHugePages: \(huge) kB)")
+            throw CaseSkip("THP still PMD-mapped after the mprotect() split (PMD-mapped: \(huge) kB)")
         }
         guard let isTHP = PageInfo.isTHP(address: r.base) else {
             throw CaseSkip("cannot verify a PTE-mapped THP: /proc/kpageflags and PFNs need root (CAP_SYS_ADMIN)")
@@ -222,9 +222,9 @@ public struct Backing: Sendable {
         let r = try Region.anonymousAligned(size: size, alignment: size, origin: "anonymous, MADV_HUGEPAGE")
         try r.madvise(Int32(CP_MADV_HUGEPAGE), name: "MADV_HUGEPAGE")
         r.fill(ctx.original)
-        let huge = PageInfo.smapsValue("AnonHugePages", containing: r.base) ?? 0
+        let huge = PageInfo.pmdMappedKB(r) ?? 0
         guard huge * 1024 >= size else {
-            throw CaseSkip("no PMD THP after MADV_HUGEPAGE and first touch (AnonHugePages: \(huge) kB; defrag=\(thp.defrag ?? "?"))")
+            throw CaseSkip("no PMD THP after MADV_HUGEPAGE and first touch (PMD-mapped: \(huge) kB; defrag=\(thp.defrag ?? "?"))")
         }
         return r
     }

@@ -71,6 +71,15 @@ public enum PageInfo {
     }
 
     /// The smaps field `key` (in kB) of the mapping that contains `address`.
+    /// How much of `r` is PMD-mapped, in kB: the PAGEMAP_SCAN ioctl where the
+    /// kernel has it (6.7+; all of it or nothing), else smaps' AnonHugePages
+    /// (reading smaps walks the page tables of the whole process: slow).
+    public static func pmdMappedKB(_ r: Region) -> Int? {
+        let v = cp_pmd_mapped(r.base, r.size)
+        if v >= 0 { return v == 1 ? r.size / 1024 : 0 }
+        return smapsValue("AnonHugePages", containing: r.base)
+    }
+
     public static func smapsValue(_ key: String, containing address: UnsafeRawPointer) -> Int? {
         guard let bytes = readBytes("/proc/self/smaps") else { return nil }
         return smapsValue(key, in: bytes, containing: UInt64(UInt(bitPattern: address)))

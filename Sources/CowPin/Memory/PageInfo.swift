@@ -21,10 +21,14 @@ public enum PageInfo {
 
     /// The pagemap entry of the page at `address` in process `pid` ("self" when nil).
     public static func entry(pid: Int32? = nil, address: UnsafeRawPointer) -> Entry? {
-        let path = "/proc/\(pid.map(String.init) ?? "self")/pagemap"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let fd: Int32
+        if let pid {
+            fd = open("/proc/\(pid)/pagemap", O_RDONLY | O_CLOEXEC)
+        } else {
+            fd = ownPagemap
+        }
         guard fd >= 0 else { return nil }
-        defer { close(fd) }
+        defer { if pid != nil { close(fd) } }
         let index = UInt(bitPattern: address) / UInt(cp_page_size())
         var raw: UInt64 = 0
         guard cp_pread_full(fd, &raw, 8, Int64(index * 8)) == 8 else { return nil }
@@ -38,10 +42,14 @@ public enum PageInfo {
         (22, "thp"), (24, "zero_page"),
     ]
 
+    /// This process's pagemap and /proc/kpageflags, opened once (every case
+    /// reads them several times; what an fd may see is fixed when it is opened).
+    static let ownPagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+    static let kpageflagsFD = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC)
+
     public static func kpageflags(pfn: UInt64) -> UInt64? {
-        let fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC)
+        let fd = kpageflagsFD
         guard fd >= 0 else { return nil }
-        defer { close(fd) }
         var raw: UInt64 = 0
         guard cp_pread_full(fd, &raw, 8, Int64(pfn * 8)) == 8 else { return nil }
         return raw

@@ -16,6 +16,10 @@ enum KSM {
     static func start(_ ctx: CaseContext) throws {
         guard ctx.probe.ksm.available else { throw CaseSkip(ctx.probe.ksm.detail) }
         guard Probe.isRoot else { throw CaseSkip("starting ksmd needs root (/sys/kernel/mm/ksm/run)") }
+        // Smart scan (6.7+) skips pages that failed to merge for several
+        // scans, and its state can outlive a mapping whose address a later
+        // case reuses: off, so every scan looks at every page.
+        if access("\(dir)/smart_scan", F_OK) == 0 { try SystemState.shared.set("\(dir)/smart_scan", "0") }
         try SystemState.shared.set("\(dir)/pages_to_scan", "4096")
         try SystemState.shared.set("\(dir)/sleep_millisecs", "0")
         try SystemState.shared.set("\(dir)/run", "1")

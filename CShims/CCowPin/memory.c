@@ -267,12 +267,6 @@ int cp_set_pipe_size(int fd, int size)
     return r < 0 ? -errno : r;
 }
 
-int cp_memfd(const char *name)
-{
-    int fd = memfd_create(name, MFD_CLOEXEC);
-    return fd < 0 ? -errno : fd;
-}
-
 int cp_close(int fd) { return close(fd) ? -errno : 0; }
 
 int cp_signal(int fd)

@@ -96,7 +96,6 @@ long cp_smaps_value(const char *text, size_t len, uint64_t addr, const char *key
 
 int cp_pipe(int fds[2]);                  /* O_CLOEXEC */
 int cp_set_pipe_size(int fd, int size);   /* returns the new size */
-int cp_memfd(const char *name);           /* MFD_CLOEXEC */
 int cp_close(int fd);
 /* Write one byte; 0 or -errno. */
 int cp_signal(int fd);

@@ -95,13 +95,9 @@ public enum FilePinningCases {
         ctx.notePages("before the pin")
 
         let ring = try IoUring(entries: 4)
-        let r = cp_ring_register_buffer(ring.ring, region.base, region.size)
-        if r == -ENOMEM && !Probe.isRoot, let soft = Probe.memlockLimit().soft, soft < UInt64(region.size) {
-            throw CaseSkip("RLIMIT_MEMLOCK (\(soft) bytes) is below the \(region.size)-byte buffer to register")
-        }
-        let refused: Int32? = r < 0 ? -r : nil
-        ctx.notes.append(refused.map { "pin refused: \(Errno.name($0))" } ?? "pin taken")
-        ctx.notes.append("upstream intends on \(release): \(intent.answer); \(intent.because)")
+        let refused = try ring.tryRegister(region)
+        ctx.note(refused.map { "pin refused: \(Errno.name($0))" } ?? "pin taken")
+        ctx.note("upstream intends on \(release): \(intent.answer); \(intent.because)")
 
         let view = "io_uring IORING_REGISTER_BUFFERS of the \(shared ? "MAP_SHARED" : "MAP_PRIVATE") \(FileSystem.name(fs)) mapping"
         var differs: String?
@@ -119,8 +115,7 @@ public enum FilePinningCases {
 
         // Taken: the pin must be the page the process writes, and a shared
         // mapping's page the file's.
-        let pin = IoUringFixed(ring: ring, region: region, timeoutMs: ctx.timeoutMs)
-        ctx.onCleanup { pin.release() }
+        let pin = IoUringFixedPin.held(ring: ring, region: region, in: ctx)
         ctx.notePages("when pinned")
         ctx.parentWrites()
         ctx.notePages("after the write")

@@ -158,10 +158,7 @@ public enum LongTermPinCases {
             let p = try pinned(pin, ctx)
             let twins = try KSM.twins(of: region)
             try region.madvise(Int32(CP_MADV_MERGEABLE), name: "MADV_MERGEABLE")
-            guard KSM.poll({ KSM.merged(twins[0]) == true }) else {
-                if KSM.merged(twins[0]) == nil { throw CaseSkip("cannot verify the KSM merge: /proc/kpageflags and PFNs need root") }
-                throw CaseSkip("ksmd did not merge the unpinned copies within \(KSM.boundMs) ms")
-            }
+            try KSM.awaitMerged(twins[0], what: "the unpinned copies")
             try KSM.awaitFullScans(2)
             ctx.notePages("after ksmd merged the copies and scanned twice more")
             let merged = KSM.merged(region) == true

@@ -46,6 +46,15 @@ enum KSM {
         return true
     }
 
+    /// Waits (bounded) until every page of `r` is a KSM page; skips with the
+    /// reason otherwise (`what` names the pages: "the page", "the unpinned copies").
+    static func awaitMerged(_ r: Region, what: String) throws {
+        guard poll({ merged(r) == true }) else {
+            if merged(r) == nil { throw CaseSkip("cannot verify the KSM merge: /proc/kpageflags and PFNs need root") }
+            throw CaseSkip("ksmd did not merge \(what) within \(boundMs) ms")
+        }
+    }
+
     /// Waits until ksmd has finished `n` more full scans.
     static func awaitFullScans(_ n: Int) throws {
         let start = fullScans
@@ -82,10 +91,7 @@ extension Backing {
         r.fill(ctx.original)
         _ = try KSM.twins(of: r)
         try r.madvise(Int32(CP_MADV_MERGEABLE), name: "MADV_MERGEABLE")
-        guard KSM.poll({ KSM.merged(r) == true }) else {
-            if KSM.merged(r) == nil { throw CaseSkip("cannot verify the KSM merge: /proc/kpageflags and PFNs need root") }
-            throw CaseSkip("ksmd did not merge the page within \(KSM.boundMs) ms")
-        }
+        try KSM.awaitMerged(r, what: "the page")
         return r
     }
 }

@@ -17,6 +17,11 @@ public struct IoUringFixedPin: PinMethod {
     public func pin(_ region: Region, in ctx: CaseContext) throws -> Pin {
         let ring = try IoUring(entries: 4)
         try ring.register(region)
+        return Self.held(ring: ring, region: region, in: ctx)
+    }
+
+    /// The pin `ring` holds on `region` (registered as buffer 0), released when the case ends.
+    static func held(ring: IoUring, region: Region, in ctx: CaseContext) -> Pin {
         let pin = IoUringFixed(ring: ring, region: region, timeoutMs: ctx.timeoutMs)
         ctx.onCleanup { pin.release() }
         return pin
@@ -40,11 +45,20 @@ public final class IoUring {
     /// IORING_REGISTER_BUFFERS of the whole region as buffer 0: a long-term
     /// R/W pin. Skips when RLIMIT_MEMLOCK is too small (not root).
     public func register(_ region: Region) throws {
+        if let refused = try tryRegister(region) {
+            throw SyscallError("io_uring_register_buffers(\(region.size) bytes)", errno: refused)
+        }
+    }
+
+    /// IORING_REGISTER_BUFFERS of the region as buffer 0: nil when the kernel
+    /// took the pin, else the errno it refused it with. Skips when
+    /// RLIMIT_MEMLOCK is too small (not root).
+    public func tryRegister(_ region: Region) throws -> Int32? {
         let r = cp_ring_register_buffer(ring, region.base, region.size)
         if r == -ENOMEM && !Probe.isRoot, let soft = Probe.memlockLimit().soft, soft < UInt64(region.size) {
             throw CaseSkip("RLIMIT_MEMLOCK (\(soft) bytes) is below the \(region.size)-byte buffer to register")
         }
-        try check("io_uring_register_buffers(\(region.size) bytes)", r)
+        return r < 0 ? -r : nil
     }
 
     public enum Opcode: Int32 {
@@ -98,7 +112,7 @@ final class IoUringFixed: Pin {
     var observed: Range<Int> { 0..<region.size }
 
     func read() throws -> [UInt8] {
-        let fd = try check("memfd_create", cp_memfd("cowpin-pin-view"))
+        let fd = try check("memfd_create", cp_memfd_create("cowpin-pin-view", 0))
         defer { cp_close(fd) }
         let n = try ring.perform(.writeFixed, fd: fd, address: address, length: region.size, offset: 0, timeoutMs: timeoutMs)
         guard n == region.size else { throw HarnessError("WRITE_FIXED wrote \(n) of \(region.size) bytes") }

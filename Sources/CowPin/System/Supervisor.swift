@@ -541,7 +541,7 @@ public struct FaultInjection: Sendable {
         switch kind {
         case .sigbus:
             // A shared mapping of a page the file no longer has: the read faults SIGBUS.
-            let fd = cp_memfd("cowpin-fault")
+            let fd = cp_memfd_create("cowpin-fault", 0)
             if fd >= 0, ftruncate(fd, off_t(page)) == 0, let p = mmap(nil, page, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED,
                ftruncate(fd, 0) == 0 {
                 var b = p.load(as: UInt8.self)

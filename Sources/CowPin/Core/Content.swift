@@ -104,11 +104,20 @@ public struct Layout: Equatable, Sendable, CustomStringConvertible {
     /// Whether `bytes`, found at `offset` in the region, hold this layout.
     public func matches(_ bytes: UnsafeRawBufferPointer, offset: Int = 0) -> Bool {
         if overlays.isEmpty { return base.matches(bytes, offset: offset) }
-        let want = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 8)
-        defer { want.deallocate() }
-        let w = UnsafeMutableRawBufferPointer(rebasing: want[0..<bytes.count])
-        materialize(into: w, offset: offset)
-        return bytes.elementsEqual(UnsafeRawBufferPointer(w))
+        // Each stretch between overlay edges belongs to one content (the last
+        // overlay covering it, else the base): check it in place.
+        let whole = offset..<(offset + bytes.count)
+        var edges = [whole.lowerBound, whole.upperBound]
+        for o in overlays {
+            let r = o.range.clamped(to: whole)
+            if !r.isEmpty { edges += [r.lowerBound, r.upperBound] }
+        }
+        edges = Array(Set(edges)).sorted()
+        for (lo, hi) in zip(edges, edges.dropFirst()) {
+            let owner = overlays.last { $0.range.contains(lo) }?.content ?? base
+            if !owner.matches(UnsafeRawBufferPointer(rebasing: bytes[(lo - offset)..<(hi - offset)]), offset: lo) { return false }
+        }
+        return true
     }
 }
 

@@ -14,11 +14,45 @@ public enum LongTermPinCases {
         return p
     }
 
+    /// The events where a R/O pin takes its own path: the kernel must unshare a
+    /// page that may be shared (after fork(), a KSM page), or, for long-term
+    /// pins only, break COW of the zeropage or a pagecache page first.
+    static let roUnshareEvents: Set<String> = ["pin-shared-parent-writes", "pin-previously-shared", "pin-ro-exclusive"]
+    static let roLongtermEvents: Set<String> = ["unpopulated-write", "pagecache-write"]
+
+    /// What a pin method runs: which events (nil: every event that fits it),
+    /// on which anonymous backings, and which events get every THP shape.
+    struct Coverage {
+        var events: Set<String>?
+        var anon: [Backing]
+        var matrix: [Backing]
+    }
+
+    static func coverage(_ pin: PinMethod) -> Coverage {
+        switch pin {
+        case is VFIOPin:
+            // A DMA round trip per read (about 100 ms): the standard backings.
+            return Coverage(events: nil, anon: Backing.standard, matrix: Backing.standard)
+        case is GupTestPin:
+            // What only gup_test adds: the long-term R/O pin, through
+            // pin_user_pages() and pin_user_pages_fast(), on every page size.
+            // The R/O unshare on every THP shape is odirect-write's, which
+            // needs no CONFIG_GUP_TEST.
+            return Coverage(events: roUnshareEvents.union(roLongtermEvents), anon: Backing.withMTHP, matrix: Backing.withMTHP)
+        case is ODirectWritePin:
+            // A short-term R/O pin: the anonymous unshare events on every
+            // shape (short-term pins of the zeropage or pagecache are not
+            // meant to follow later writes).
+            return Coverage(events: roUnshareEvents, anon: Backing.withMTHP, matrix: Backing.cowMatrix)
+        default:
+            // Every mTHP size, and the events kselftest mm/cow.c runs on every THP shape.
+            return Coverage(events: nil, anon: Backing.withMTHP, matrix: Backing.cowMatrix)
+        }
+    }
+
     public static func scenarios(for pin: PinMethod) -> [Scenario] {
-        // Every mTHP size too, where a pin is cheap to observe (not through a 100 ms DMA).
-        let anon = pin is VFIOPin ? Backing.standard : Backing.withMTHP
-        // The events kselftest mm/cow.c runs on every THP shape too.
-        let matrix = pin is VFIOPin ? Backing.standard : Backing.cowMatrix
+        let scope = coverage(pin)
+        let anon = scope.anon, matrix = scope.matrix
         func scenario(_ event: String, _ summary: String, _ steps: [String], tags: [String],
                       backings: [Backing]? = nil,
                       _ body: @escaping @Sendable (CaseContext, Region) throws -> Void) -> Scenario {
@@ -227,6 +261,7 @@ public enum LongTermPinCases {
                 try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
             })
         }
-        return list
+        guard let events = scope.events else { return list }
+        return list.filter { events.contains(String($0.id.dropFirst(pin.id.count + 1))) }
     }
 }

@@ -160,29 +160,11 @@ public enum ODirectCases {
         }
     }
 
-    /// Starts an O_DIRECT write of the first half of page 0 while the server
-    /// reads nothing: the request waits in the queue with the page pinned.
-    static func startQueuedWrite(_ ctx: CaseContext, _ sub: Submitter) throws -> (FuseServer, InFlightIO, Int) {
-        let region = ctx.region!
-        let server = try ctx.fuseServer()
-        let fd = try ctx.open(server)
-        let half = region.pageSize / 2
-        try server.closeGate()
-        let io = try sub.start(write: true, fd: fd, address: region.base, length: half, ring: nil)
-        try server.awaitQueuedRequest()
+    /// An O_DIRECT write of the first half of page 0, queued (its page pinned R/O).
+    static func queuedWrite(_ ctx: CaseContext, _ sub: Submitter) throws -> QueuedWrite {
+        let write = try QueuedWrite(ctx, sub, length: ctx.region.pageSize / 2)
         ctx.notePages("write in flight")
-        return (server, io, half)
-    }
-
-    static func receiveWrite(_ ctx: CaseContext, _ server: FuseServer, _ io: InFlightIO, _ half: Int) throws -> [UInt8] {
-        try server.openGate()
-        let w = try server.awaitWrite()
-        guard w.offset == 0, w.data.count == half else {
-            throw HarnessError("FUSE WRITE at \(w.offset) of \(w.data.count) bytes, expected 0 and \(half)")
-        }
-        let n = try io.complete(timeoutMs: ctx.timeoutMs)
-        guard n == half else { throw HarnessError("\(io.how) returned \(n), expected \(half)") }
-        return w.data
+        return write
     }
 
     static func writeSharedParentWrites(_ sub: Submitter) -> Scenario {
@@ -194,14 +176,13 @@ public enum ODirectCases {
                  tags: ["ro-pin"]) { ctx, region, sub in
             let child = try ctx.fork { c in c.checkpoint() }
             try child.awaitCheckpoint()
-            let (server, io, half) = try startQueuedWrite(ctx, sub)
+            let write = try queuedWrite(ctx, sub)
             ctx.parentWrites(range: 0..<region.pageSize)
             ctx.notePages("after the parent's write")
-            let data = try receiveWrite(ctx, server, io, half)
+            try ctx.expect(write, holds: ctx.parentWrite,
+                           meaning: "the server received the content from before the parent's write: the write pinned the COW-shared page without unsharing it, and the parent's write went to a new page")
             try child.resume()
             try child.finish()
-            ctx.expect("FUSE server (the data of the O_DIRECT write)", holds: ctx.parentWrite, seen: data,
-                       meaning: "the server received the content from before the parent's write: the write pinned the COW-shared page without unsharing it, and the parent's write went to a new page")
         }
     }
 
@@ -218,16 +199,15 @@ public enum ODirectCases {
                 c.checkpoint()
             }
             try child.awaitCheckpoint()
-            let (server, io, half) = try startQueuedWrite(ctx, sub)
+            let write = try queuedWrite(ctx, sub)
             try region.unmap()
             try child.resume()
             try child.awaitCheckpoint()
             ctx.notePages("after the child's write", child: child)
-            let data = try receiveWrite(ctx, server, io, half)
+            try ctx.expect(write, holds: ctx.original,
+                           meaning: "the child's write reached the server through the parent's O_DIRECT write: data leaks from the child")
             try child.resume()
             try child.finish()
-            ctx.expect("FUSE server (the data of the O_DIRECT write)", holds: ctx.original, seen: data,
-                       meaning: "the child's write reached the server through the parent's O_DIRECT write: data leaks from the child")
         }
     }
 }

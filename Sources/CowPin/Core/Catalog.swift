@@ -6,7 +6,8 @@ public enum Catalog {
 
     /// The long-term pin methods; each runs every long-term pin event that fits it.
     public static let pins: [PinMethod] = [
-        IoUringFixedPin(), GupTestPin(fast: false), GupTestPin(fast: true), VFIOPin(writable: false), VFIOPin(writable: true),
+        IoUringFixedPin(), ODirectWritePin(), GupTestPin(fast: false), GupTestPin(fast: true),
+        VFIOPin(writable: false), VFIOPin(writable: true),
     ]
 
     public static let scenarios: [Scenario] =

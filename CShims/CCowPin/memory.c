@@ -116,6 +116,13 @@ uint8_t cp_pattern_byte(uint32_t seed, size_t offset)
 }
 
 /* Async-signal-safe (a child may fill): the table lives on the stack. */
+/* Words from `wi` to the end of its pattern page, at most `avail`. */
+static size_t page_run(uint64_t wi, size_t avail)
+{
+    size_t n = PATTERN_PAGE_WORDS - (size_t)(wi % PATTERN_PAGE_WORDS);
+    return n < avail ? n : avail;
+}
+
 void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset)
 {
     uint8_t *p = addr;
@@ -125,10 +132,18 @@ void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset)
     if (len - i >= 8) {
         uint64_t table[PATTERN_PAGE_WORDS];
         pattern_table(seed, table);
-        for (; i + 8 <= len; i += 8) {
+        /* One pattern page at a time: a constant salt, so the loop vectorises. */
+        while (len - i >= 8) {
             uint64_t wi = (base_offset + i) >> 3;
-            uint64_t w = table[wi % PATTERN_PAGE_WORDS] ^ pattern_salt(wi / PATTERN_PAGE_WORDS);
-            memcpy(p + i, &w, 8);
+            const uint64_t *t = table + wi % PATTERN_PAGE_WORDS;
+            uint64_t salt = pattern_salt(wi / PATTERN_PAGE_WORDS);
+            size_t n = page_run(wi, (len - i) / 8);
+            uint8_t *q = p + i;
+            for (size_t k = 0; k < n; k++) {
+                uint64_t w = t[k] ^ salt;
+                memcpy(q + 8 * k, &w, 8);
+            }
+            i += 8 * n;
         }
     }
     for (; i < len; i++)
@@ -144,24 +159,25 @@ int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_o
             return 0;
         i++;
     }
-    /* Whole blocks: generate the expected words, then one memcmp. */
-    uint64_t block[64];
-    if (len - i >= sizeof block) {
+    if (len - i >= 8) {
         uint64_t table[PATTERN_PAGE_WORDS];
         pattern_table(seed, table);
-        while (i + sizeof block <= len) {
-            uint64_t first = (base_offset + i) >> 3;
-            for (size_t k = 0; k < 64; k++)
-                block[k] = table[(first + k) % PATTERN_PAGE_WORDS] ^ pattern_salt((first + k) / PATTERN_PAGE_WORDS);
-            if (memcmp(p + i, block, sizeof block))
+        /* A pattern page at a time: or the xor of every word, then test. */
+        while (len - i >= 8) {
+            uint64_t wi = (base_offset + i) >> 3;
+            const uint64_t *t = table + wi % PATTERN_PAGE_WORDS;
+            uint64_t salt = pattern_salt(wi / PATTERN_PAGE_WORDS), diff = 0;
+            size_t n = page_run(wi, (len - i) / 8);
+            const uint8_t *q = p + i;
+            for (size_t k = 0; k < n; k++) {
+                uint64_t w;
+                memcpy(&w, q + 8 * k, 8);
+                diff |= w ^ t[k] ^ salt;
+            }
+            if (diff)
                 return 0;
-            i += sizeof block;
+            i += 8 * n;
         }
-    }
-    for (; i + 8 <= len; i += 8) {
-        uint64_t w = pattern_word(seed, (base_offset + i) >> 3);
-        if (memcmp(p + i, &w, 8))
-            return 0;
     }
     for (; i < len; i++)
         if (p[i] != cp_pattern_byte(seed, base_offset + i))

@@ -214,6 +214,41 @@ struct ComparisonTests {
         #expect(f.differingBytes == 200 + 32 - same)
     }
 
+    @Test("the pattern fill and check agree with the byte formula at any offset and length, and see one flipped byte")
+    func patternAtAnyOffset() {
+        let c = Content.original(seed: 99)
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<200 {
+            let offset = Int.random(in: 0..<(1 << 20), using: &rng), count = Int.random(in: 0..<9000, using: &rng)
+            var buf = [UInt8](repeating: 0, count: count)
+            buf.withUnsafeMutableBytes { c.materialize(into: $0, offset: offset) }
+            #expect(buf.indices.allSatisfy { buf[$0] == c.byte(at: offset + $0) }, "offset \(offset) count \(count)")
+            #expect(buf.withUnsafeBytes { c.matches($0, offset: offset) })
+            guard count > 0 else { continue }
+            buf[Int.random(in: 0..<count, using: &rng)] ^= 0x10
+            #expect(!buf.withUnsafeBytes { c.matches($0, offset: offset) }, "offset \(offset) count \(count)")
+        }
+    }
+
+    @Test("a layout with overlays matches exactly the bytes it describes")
+    func layoutMatches() {
+        let original = Content.original(seed: 5), data = Content.pattern(seed: 6, label: "the server's data")
+        let write = Content.written(0xFF, by: "the parent")
+        // Later overlays win where they overlap.
+        let layout = Layout(original).with(data, at: 0..<2048).with(write, at: 1024..<4096)
+        var buf = [UInt8](repeating: 0, count: 8192)
+        buf.withUnsafeMutableBytes { layout.materialize(into: $0) }
+        #expect(buf[100] == data.byte(at: 100) && buf[1500] == 0xFF && buf[5000] == original.byte(at: 5000))
+        #expect(buf.withUnsafeBytes { layout.matches($0) })
+        // A slice, at its offset in the region.
+        #expect(buf.withUnsafeBytes { layout.matches(UnsafeRawBufferPointer(rebasing: $0[1000..<5000]), offset: 1000) })
+        for i in [0, 1023, 1024, 4095, 4096, 8191] {
+            var bad = buf
+            bad[i] ^= 1
+            #expect(!bad.withUnsafeBytes { layout.matches($0) }, "byte \(i)")
+        }
+    }
+
     @Test func patternIsCaseSpecific() {
         let a = Content.original(seed: 1), b = Content.original(seed: 2)
         #expect((0..<64).contains { a.byte(at: $0) != b.byte(at: $0) })

@@ -156,9 +156,11 @@ struct FuseTests {
             seen.mountpoints.append(server.mountpoint)
             let fd = try ctx.open(server)
             server.holdNextRead()
-            _ = try Submitter.iouring.start(write: false, fd: fd, address: ctx.region.base, length: 2048, ring: nil)
-            try server.awaitHeldRead()
-            throw HarnessError("injected failure with the READ held")
+            let io = try Submitter.iouring.start(write: false, fd: fd, address: ctx.region.base, length: 2048, ring: nil)
+            try withExtendedLifetime(io) {
+                try server.awaitHeldRead()
+                throw HarnessError("injected failure with the READ held")
+            }
         }
         #expect(run(failing) == .error("injected failure with the READ held"))
         let first = try #require(seen.mountpoints.first)

@@ -16,6 +16,43 @@ struct FuseTests {
 
     static var usable: String? { ODirectCases.requirement(Probe.current()) }
 
+    /// This process's cowpin FUSE mounts.
+    static var ownMounts: [String] { cowpinMounts.filter { $0.hasPrefix("/tmp/cowpin-fuse-\(getpid())-") } }
+
+    /// Mountpoints the cases of a test saw, in order.
+    final class Seen: @unchecked Sendable {
+        var mountpoints: [String] = []
+        var mountsDuring: [Int] = []
+        var fd: Int32 = -1
+    }
+
+    static func scenario(_ id: String, _ body: @escaping @Sendable (CaseContext) throws -> Void) -> Scenario {
+        Scenario(id: "selftest/\(id)", summary: id, steps: [], tags: ["selftest"],
+                 requires: { ODirectCases.requirement($0) }, body: body)
+    }
+
+    /// A held O_DIRECT read, answered: the case leaves the server idle.
+    static func cleanRead(_ seen: Seen) -> Scenario {
+        scenario("fuse-clean-read") { ctx in
+            let server = try ctx.fuseServer()
+            seen.mountpoints.append(server.mountpoint)
+            seen.mountsDuring.append(Self.ownMounts.count)
+            let fd = try ctx.open(server)
+            let half = ctx.region.pageSize / 2
+            server.holdNextRead()
+            let io = try Submitter.thread.start(write: false, fd: fd, address: ctx.region.base, length: half, ring: nil)
+            try server.awaitHeldRead()
+            try server.releaseRead()
+            _ = try io.complete(timeoutMs: ctx.timeoutMs)
+            ctx.expect("parent mapping", holds: server.readData, seen: UnsafeRawBufferPointer(rebasing: ctx.region.bytes[0..<half]),
+                       meaning: "the read's data did not arrive")
+        }
+    }
+
+    func run(_ s: Scenario, timeoutMs: Int32 = 10_000) -> Verdict {
+        Runner(options: RunOptions(timeoutMs: timeoutMs)).run(Case(scenario: s, backing: .anonPage)).verdict
+    }
+
     @Test("a request held past the timeout is an error, the connection is aborted, nothing stays mounted")
     func heldPastTimeout() throws {
         if let why = Self.usable {
@@ -46,6 +83,171 @@ struct FuseTests {
         // (Other suites may have their own mounts up meanwhile: look for ours only.)
         #expect(!box.mountpoint.isEmpty && !Self.cowpinMounts.contains(box.mountpoint), "left mounted: \(box.mountpoint)")
         #expect(!FileManager.default.fileExists(atPath: box.mountpoint))
+    }
+
+    @Test("consecutive cases reuse one mount, and each gets its own read data")
+    func reusedAcrossCases() throws {
+        if let why = Self.usable {
+            recordSkip("\(why)")
+            return
+        }
+        let seen = Seen()
+        for _ in 0..<3 {
+            let v = run(Self.cleanRead(seen))
+            #expect(v == .coherent, "\(v)")
+        }
+        #expect(seen.mountpoints.count == 3 && Set(seen.mountpoints).count == 1, "\(seen.mountpoints)")
+        #expect(seen.mountsDuring == [1, 1, 1])
+        #expect(Self.ownMounts == [seen.mountpoints[0]])
+        // A case of the catalog, on the same mount.
+        let before = FuseServer.sharedMountpoint
+        let c = try #require(Catalog.find("odirect-thread/write-shared-parent-writes/anon-page"))
+        let v = Runner().run(c).verdict
+        #expect(v.kind != .error && v.kind != .skip, "\(v)")
+        #expect(before != nil && FuseServer.sharedMountpoint == before)
+        #expect(Self.ownMounts.count == 1)
+    }
+
+    @Test("a WRITE of the previous case is never taken for the current case's")
+    func writesIsolated() throws {
+        if let why = Self.usable {
+            recordSkip("\(why)")
+            return
+        }
+        let seen = Seen()
+        // Writes 0xaa through the file and leaves the server's record of it unread.
+        let writer = Self.scenario("fuse-unread-write") { ctx in
+            let server = try ctx.fuseServer()
+            seen.mountpoints.append(server.mountpoint)
+            let fd = try ctx.open(server)
+            let buffer = try Region.anonymous(size: ctx.region.pageSize)
+            defer { buffer.release() }
+            buffer.fill(.written(0xAA, by: "the previous case"))
+            guard pwrite(fd, buffer.base, 2048, 0) == 2048 else { throw HarnessError("pwrite: \(errno)") }
+        }
+        // A queued write of the region's original content: the server must report that one.
+        let queued = Self.scenario("fuse-queued-write") { ctx in
+            let server = try ctx.fuseServer()
+            seen.mountpoints.append(server.mountpoint)
+            let fd = try ctx.open(server)
+            try server.closeGate()
+            let io = try Submitter.thread.start(write: true, fd: fd, address: ctx.region.base, length: 2048, ring: nil)
+            try server.awaitQueuedRequest()
+            try server.openGate()
+            let w = try server.awaitWrite()
+            _ = try io.complete(timeoutMs: ctx.timeoutMs)
+            ctx.expect("FUSE server", holds: ctx.original, seen: w.data, meaning: "the server reported another case's WRITE")
+        }
+        #expect(run(writer) == .coherent)
+        let v = run(queued)
+        #expect(v == .coherent, "\(v)")
+        #expect(seen.mountpoints.count == 2 && seen.mountpoints[0] == seen.mountpoints[1], "\(seen.mountpoints)")
+    }
+
+    @Test("a case that fails with a READ held gets its server shut down; the next case mounts a fresh one")
+    func failedCaseFreshServer() throws {
+        if let why = Self.usable {
+            recordSkip("\(why)")
+            return
+        }
+        let seen = Seen()
+        let failing = Self.scenario("fuse-fails-holding") { ctx in
+            let server = try ctx.fuseServer()
+            seen.mountpoints.append(server.mountpoint)
+            let fd = try ctx.open(server)
+            server.holdNextRead()
+            let io = try Submitter.iouring.start(write: false, fd: fd, address: ctx.region.base, length: 2048, ring: nil)
+            try withExtendedLifetime(io) {
+                try server.awaitHeldRead()
+                throw HarnessError("injected failure with the READ held")
+            }
+        }
+        #expect(run(failing) == .error("injected failure with the READ held"))
+        let first = try #require(seen.mountpoints.first)
+        #expect(!Self.cowpinMounts.contains(first), "left mounted: \(first)")
+        #expect(!FileManager.default.fileExists(atPath: first))
+        #expect(FuseServer.sharedMountpoint == nil)
+        #expect(run(Self.cleanRead(seen)) == .coherent)
+        #expect(seen.mountpoints.count == 2 && seen.mountpoints[1] != first, "\(seen.mountpoints)")
+        #expect(seen.mountsDuring == [1])
+    }
+
+    @Test("a file of the previous case still open: the next case gets a fresh server, the old connection is aborted")
+    func fileLeftOpenFreshServer() throws {
+        if let why = Self.usable {
+            recordSkip("\(why)")
+            return
+        }
+        let seen = Seen()
+        let leaking = Self.scenario("fuse-leaks-fd") { ctx in
+            let server = try ctx.fuseServer()
+            seen.mountpoints.append(server.mountpoint)
+            seen.fd = try server.openFile() // not closed when the case ends
+        }
+        #expect(run(leaking) == .coherent)
+        defer { close(seen.fd) }
+        let first = try #require(seen.mountpoints.first)
+        #expect(FuseServer.sharedMountpoint == first, "an idle server stays mounted")
+        #expect(run(Self.cleanRead(seen)) == .coherent)
+        #expect(seen.mountpoints.count == 2 && seen.mountpoints[1] != first, "\(seen.mountpoints)")
+        #expect(!Self.cowpinMounts.contains(first), "left mounted: \(first)")
+        // I/O on the leaked file fails: nothing of it can reach a server any more.
+        var b = [UInt8](repeating: 0, count: 512)
+        #expect(pread(seen.fd, &b, b.count, 0) < 0)
+    }
+
+    /// Spawns the binary with its output discarded; its pid.
+    static func spawn(_ args: [String]) throws -> pid_t {
+        var pid: pid_t = 0
+        let argv = ([CLITests.binary.path] + args).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        try #require(posix_spawn(&pid, CLITests.binary.path, &actions, nil, argv, environ) == 0)
+        return pid
+    }
+
+    static func mounts(of pid: pid_t) -> [String] { cowpinMounts.filter { $0.hasPrefix("/tmp/cowpin-fuse-\(pid)-") } }
+
+    @Test("a run leaves no cowpin FUSE mount behind")
+    func nothingLeftAfterRun() throws {
+        if let why = Self.usable {
+            recordSkip("\(why)")
+            return
+        }
+        let pid = try Self.spawn(["run", "--in-process", "--filter", "odirect-thread/*", "--filter", "odirect-iouring/*"])
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        #expect(st & 0x7f == 0 && (st >> 8) & 0xff == 0, "status \(st)")
+        #expect(Self.mounts(of: pid).isEmpty, "left: \(Self.mounts(of: pid))")
+        let dirs = ((try? FileManager.default.contentsOfDirectory(atPath: "/tmp")) ?? []).filter { $0.hasPrefix("cowpin-fuse-\(pid)-") }
+        #expect(dirs.isEmpty, "left: \(dirs)")
+    }
+
+    @Test("the mount of a SIGKILLed run is removed by the next run")
+    func killedRunCleanedByNext() throws {
+        if let why = Self.usable {
+            recordSkip("\(why)")
+            return
+        }
+        let pid = try Self.spawn(["run", "--in-process", "--filter", "odirect*", "--repeat", "1000"])
+        var mount: String?
+        let deadline = ContinuousClock.now + .seconds(20)
+        while mount == nil && ContinuousClock.now < deadline {
+            mount = Self.mounts(of: pid).first
+            if mount == nil { usleep(10_000) }
+        }
+        kill(pid, SIGKILL)
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        let stale = try #require(mount, "the run never mounted")
+        let o = try CLITests.cowpin("run", "--filter", "odirect-thread/read-fork-parent-writes/anon-page")
+        #expect(o.status == 0, "\(o.stderr)")
+        #expect(!Self.cowpinMounts.contains(stale), "left mounted: \(stale)")
+        #expect(!FileManager.default.fileExists(atPath: stale))
     }
 
     @Test("mounts and directories of a cowpin process that died are removed")

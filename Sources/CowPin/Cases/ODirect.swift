@@ -213,11 +213,13 @@ public enum ODirectCases {
 }
 
 extension CaseContext {
-    /// A FUSE server for this case, shut down (connection aborted, unmounted)
-    /// when the case ends, after its children are gone.
+    /// The process's FUSE server, reset for this case (mounted if there is
+    /// none). When the case ends, after its children are gone and its file is
+    /// closed, a server the case left in a doubtful state (a request held, a
+    /// wait that timed out) is shut down (connection aborted, unmounted).
     public func fuseServer() throws -> FuseServer {
-        let server = try FuseServer(seed: original.hashSeed, timeoutMs: timeoutMs)
-        onCleanup { server.shutdown() }
+        let server = try FuseServer.forCase(seed: original.hashSeed, timeoutMs: timeoutMs)
+        onCleanup { FuseServer.endCase(server) }
         extraCandidates.append(server.readData)
         return server
     }

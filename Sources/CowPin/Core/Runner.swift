@@ -176,7 +176,8 @@ public final class Runner {
                 reporter.finished(r, number: number)
             }
         }
-        // Run-scoped state (a swap device) goes once the cases are done.
+        // Run-scoped state (a swap device, the FUSE mount) goes once the cases are done.
+        FuseServer.shutdownShared()
         SystemState.shared.restore()
         reporter.end(totals)
         return totals

@@ -5,6 +5,14 @@ import Glibc
 /// a thread of this process. It has one file, `data`, opened with
 /// FOPEN_DIRECT_IO, whose content is a pattern of its own (`readData`).
 ///
+/// One server per process serves case after case (`forCase`): mounting costs
+/// more than most scenarios that use it. Between cases it is reset; a case
+/// that leaves it in a doubtful state (a request held, a timeout, a failure)
+/// gets it shut down, and the next case mounts a fresh one. It is shut down
+/// when the cases are done, at exit, or on SIGINT/SIGTERM (`Emergency`);
+/// after a SIGKILL the next run removes it (`removeStale`: the mountpoint
+/// names the owner's pid).
+///
 /// The point is exact control over the two moments that matter for pins:
 /// - a READ can be held: the kernel keeps the reader's pages pinned until the
 ///   case releases the request and the reply's data is copied into them;
@@ -21,18 +29,20 @@ public final class FuseServer {
 
     public let mountpoint: String
     public var filePath: String { mountpoint + "/" + Self.fileName }
-    /// What READ returns at each file offset.
-    public let readData: Content
-    let timeoutMs: Int32
+    /// What READ returns at each file offset (set for each case).
+    public var readData: Content { state.with { $0.readData } }
+    /// The bound of every wait (the current case's).
+    var timeoutMs: Int32
     let devFD: Int32
     let commands: OSPipe
     let events: OSPipe
-    let state = Locked(State())
+    let state = Locked(State(readData: .zero))
     var serving = false
     var emergency = 0
     var mounted = false
 
     struct State {
+        var readData: Content
         var holdReads = false
         var gateOpen = true
         var heldRead: (unique: UInt64, offset: Int, size: Int)?
@@ -42,17 +52,143 @@ public final class FuseServer {
         var seen: [UInt32] = []
         /// How many had been read when the gate last closed.
         var seenAtGate = 0
+        /// Files opened (OPEN answered) and released (RELEASE) on this
+        /// connection: equal once no file of an earlier case is in use.
+        var opens = 0, releases = 0
+        /// The file handle the next OPEN gets; handles below `caseHandles`
+        /// belong to files of earlier cases.
+        var nextHandle: UInt64 = 1
+        var caseHandles: UInt64 = 1
+        /// READ and WRITE requests on a file of an earlier case (answered, never held or recorded).
+        var strays = 0
+        /// Why this server must not serve another case (a wait that timed out, ...).
+        var doubt: String?
     }
 
     /// Events from the server thread.
     enum Event: UInt8 {
-        case initialized = 0x69, readHeld = 0x72, writeReceived = 0x77, gateClosed = 0x67, exited = 0x78
+        case initialized = 0x69, readHeld = 0x72, writeReceived = 0x77, gateClosed = 0x67, released = 0x6C, exited = 0x78
+    }
+
+    static func readData(seed: UInt32) -> Content {
+        .pattern(seed: seed ^ 0x5EED_F00D, label: "the read data (from the FUSE server)")
+    }
+
+    // MARK: - one server per process
+
+    /// The process's server, between cases.
+    static let shared = Locked<FuseServer?>(nil)
+    static let exitHook = Locked(false)
+    /// How long a new case waits for the files of the previous one to be
+    /// released (a RELEASE is sent asynchronously after the last close).
+    static let settleMs: Int32 = 500
+
+    /// The server for a case that starts: the process's server, reset, when
+    /// the previous case left it idle; else a newly mounted one.
+    public static func forCase(seed: UInt32, timeoutMs: Int32) throws -> FuseServer {
+        try shared.with { slot in
+            if let s = slot {
+                if s.settle(timeoutMs: min(timeoutMs, settleMs)) == nil {
+                    s.reset(seed: seed, timeoutMs: timeoutMs)
+                    return s
+                }
+                s.shutdown()
+                slot = nil
+            }
+            let s = try FuseServer(seed: seed, timeoutMs: timeoutMs)
+            slot = s
+            let first = exitHook.with { hooked -> Bool in
+                defer { hooked = true }
+                return !hooked
+            }
+            if first { atexit { FuseServer.shutdownShared() } }
+            return s
+        }
+    }
+
+    /// A case that used `server` ends (its children are gone, its file is
+    /// closed): a server left in a doubtful state is shut down, so that the
+    /// next case mounts a fresh one. Returns why, when it was.
+    @discardableResult
+    public static func endCase(_ server: FuseServer) -> String? {
+        shared.with { slot in
+            guard let why = server.doubtfulState() else { return nil }
+            server.shutdown()
+            if slot === server { slot = nil }
+            return why
+        }
+    }
+
+    /// Shuts the process's server down (the cases are done, or the process exits).
+    public static func shutdownShared() {
+        shared.with { slot in
+            slot?.shutdown()
+            slot = nil
+        }
+    }
+
+    /// The mountpoint of the process's server, if one is mounted.
+    public static var sharedMountpoint: String? { shared.with { $0.map(\.mountpoint) } }
+
+    /// Why the server must not serve another case; nil when it is idle:
+    /// serving, no READ held or about to be, the gate open, no wait that
+    /// timed out, nothing from another case's file.
+    func doubtfulState() -> String? {
+        guard serving && mounted else { return "the server is stopped" }
+        return state.with { s -> String? in
+            if let f = s.failure { return "the server failed: \(f)" }
+            if let d = s.doubt { return d }
+            if s.heldRead != nil { return "a READ is still held" }
+            if s.holdReads { return "a READ hold was armed but no READ came" }
+            if !s.gateOpen { return "the gate is closed" }
+            if s.strays > 0 { return "\(s.strays) request(s) on an earlier case's file" }
+            return nil
+        }
+    }
+
+    /// Waits (bounded) until every file opened on this connection is
+    /// released: no I/O of an earlier case can be in flight then, nor reach
+    /// the server later. Nil when settled, else why not.
+    func settle(timeoutMs: Int32) -> String? {
+        if let why = doubtfulState() { return why }
+        let deadline = monotonicNs() + UInt64(timeoutMs) * 1_000_000
+        while true {
+            let (opens, releases) = state.with { ($0.opens, $0.releases) }
+            if opens == releases { return nil }
+            let now = monotonicNs()
+            guard now < deadline else {
+                return "\(opens - releases) file(s) of an earlier case not released within \(timeoutMs) ms"
+            }
+            var v: UInt8 = 0
+            let r = cp_await_value(events.readEnd, Int32((deadline - now) / 1_000_000), &v)
+            if r == -ETIMEDOUT { continue }
+            if r != 0 || v == Event.exited.rawValue { return "the server stopped" }
+        }
+    }
+
+    /// Starts a new case on a settled server: its read data, and nothing
+    /// left of the previous case (state, events, file handles).
+    func reset(seed: UInt32, timeoutMs: Int32) {
+        self.timeoutMs = timeoutMs
+        state.with { s in
+            s.readData = Self.readData(seed: seed)
+            s.holdReads = false
+            s.heldRead = nil
+            s.writes = []
+            s.seen = []
+            s.seenAtGate = 0
+            s.caseHandles = s.nextHandle
+            s.strays = 0
+        }
+        // Events of the previous case (bounded: the server is idle, and the pipe holds what was written).
+        var v: UInt8 = 0, drained = 0
+        while drained < 4096 && cp_await_value(events.readEnd, 0, &v) == 0 { drained += 1 }
     }
 
     /// Mounts a new instance on a private directory and starts serving.
-    public init(seed: UInt32, timeoutMs: Int32) throws {
+    init(seed: UInt32, timeoutMs: Int32) throws {
         self.timeoutMs = timeoutMs
-        readData = .pattern(seed: seed ^ 0x5EED_F00D, label: "the read data (from the FUSE server)")
+        state.with { $0.readData = Self.readData(seed: seed) }
         Self.removeStale()
         var template = Array("/tmp/\(Self.mountPrefix)\(getpid())-XXXXXX".utf8CString)
         guard let dir = mkdtemp(&template) else { throw SyscallError("mkdtemp(/tmp)", errno: errno) }
@@ -133,7 +269,7 @@ public final class FuseServer {
     @discardableResult
     public func awaitHeldRead() throws -> (offset: Int, size: Int) {
         try awaitEvent(.readHeld, "a READ request")
-        guard let r = state.with({ $0.heldRead }) else { throw HarnessError("FUSE: no READ held") }
+        guard let r = state.with({ $0.heldRead }) else { throw doubt("FUSE: no READ held") }
         return (r.offset, r.size)
     }
 
@@ -154,7 +290,7 @@ public final class FuseServer {
     /// closed, nobody reads it): for a WRITE, the writer's pages are pinned.
     public func awaitQueuedRequest() throws {
         let r = cp_wait_readable(devFD, timeoutMs)
-        if r == -ETIMEDOUT { throw HarnessError("FUSE: no request queued within \(timeoutMs) ms") }
+        if r == -ETIMEDOUT { throw doubt("FUSE: no request queued within \(timeoutMs) ms") }
         try check("poll(/dev/fuse)", r)
     }
 
@@ -171,10 +307,10 @@ public final class FuseServer {
         try awaitEvent(.writeReceived, "a WRITE request")
         let (seen, at) = state.with { ($0.seen, $0.seenAtGate) }
         if at < seen.count, seen[at] != FUSE_WRITE.rawValue {
-            throw HarnessError("FUSE: the request held at the gate was \(Self.opcodeName(seen[at])), not the WRITE")
+            throw doubt("FUSE: the request held at the gate was \(Self.opcodeName(seen[at])), not the WRITE")
         }
         guard let w = state.with({ $0.writes.isEmpty ? nil : $0.writes.removeFirst() }) else {
-            throw HarnessError("FUSE: no WRITE recorded")
+            throw doubt("FUSE: no WRITE recorded")
         }
         return w
     }
@@ -254,7 +390,7 @@ public final class FuseServer {
             let r = cp_await_value(events.readEnd, left, &v)
             if r == -ETIMEDOUT {
                 let seen = state.with { $0.seen }.map(Self.opcodeName).joined(separator: " ")
-                throw HarnessError("FUSE: waited \(timeoutMs) ms for \(what) (requests read so far: \(seen))")
+                throw doubt("FUSE: waited \(timeoutMs) ms for \(what) (requests read so far: \(seen))")
             }
             try check("wait for the FUSE server", r)
             if v == e.rawValue { return }
@@ -262,6 +398,12 @@ public final class FuseServer {
                 throw HarnessError("FUSE server stopped: \(state.with { $0.failure } ?? "no reason")")
             }
         }
+    }
+
+    /// An error that leaves the server doubtful: it serves no other case.
+    func doubt(_ message: String) -> HarnessError {
+        state.with { s in if s.doubt == nil { s.doubt = message } }
+        return HarnessError(message)
     }
 
     func notify(_ e: Event) {
@@ -346,12 +488,20 @@ public final class FuseServer {
             reply(h.unique, o)
         case FUSE_OPEN.rawValue:
             var o = fuse_open_out()
-            o.fh = 1
+            o.fh = state.with { s -> UInt64 in
+                s.opens += 1
+                defer { s.nextHandle += 1 }
+                return s.nextHandle
+            }
             o.open_flags = UInt32(FOPEN_DIRECT_IO)
             reply(h.unique, o)
         case FUSE_READ.rawValue:
             let i = body.loadUnaligned(as: fuse_read_in.self)
             let hold = state.with { s -> Bool in
+                guard i.fh >= s.caseHandles else {
+                    s.strays += 1
+                    return false
+                }
                 guard s.holdReads else { return false }
                 s.holdReads = false
                 s.heldRead = (h.unique, Int(i.offset), Int(i.size))
@@ -366,12 +516,23 @@ public final class FuseServer {
             let i = body.loadUnaligned(as: fuse_write_in.self)
             let dataStart = MemoryLayout<fuse_write_in>.size
             let data = Array(body[dataStart..<min(body.count, dataStart + Int(i.size))])
-            state.with { $0.writes.append((Int(i.offset), data)) }
+            let current = state.with { s -> Bool in
+                guard i.fh >= s.caseHandles else {
+                    s.strays += 1
+                    return false
+                }
+                s.writes.append((Int(i.offset), data))
+                return true
+            }
             var o = fuse_write_out()
             o.size = UInt32(data.count)
             reply(h.unique, o)
-            notify(.writeReceived)
-        case FUSE_RELEASE.rawValue, FUSE_RELEASEDIR.rawValue:
+            if current { notify(.writeReceived) }
+        case FUSE_RELEASE.rawValue:
+            state.with { $0.releases += 1 }
+            replyEmpty(h.unique)
+            notify(.released)
+        case FUSE_RELEASEDIR.rawValue:
             replyEmpty(h.unique)
         case FUSE_FORGET.rawValue, FUSE_BATCH_FORGET.rawValue, FUSE_INTERRUPT.rawValue:
             break // no reply

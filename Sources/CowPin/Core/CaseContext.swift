@@ -75,8 +75,7 @@ public final class CaseContext {
 
     /// What the pin sees (its observed range) must hold `expected`.
     public func expect(_ pin: Pin, holds expected: Content, meaning: String) throws {
-        let seen = try pin.read()
-        seen.withUnsafeBytes { expect(pin.view, holds: Layout(expected), seen: $0, at: pin.observed.lowerBound, meaning: meaning) }
+        try pin.withView { expect(pin.view, holds: Layout(expected), seen: $0, at: pin.observed.lowerBound, meaning: meaning) }
     }
 
     public func expect(_ view: String, holds expected: Content, seen: UnsafeRawBufferPointer, meaning: String) {

@@ -32,6 +32,56 @@ static void child_reset_signals(void)
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
+int cp_report_matches(const struct cp_report *r, const void *view)
+{
+    if (r->count == 0 || r->count > CP_MAX_STRETCHES)
+        return 0;
+    const uint8_t *v = view;
+    for (uint32_t i = 0; i < r->count; i++) {
+        const struct cp_stretch *s = &r->stretch[i];
+        if (s->offset < r->offset || s->length > r->length || s->offset - r->offset > r->length - s->length)
+            return 0;
+        const uint8_t *p = v + (s->offset - r->offset);
+        int ok;
+        switch (s->kind) {
+        case CP_CONTENT_FILL:
+            ok = cp_all_equal(p, s->length, (uint8_t)s->value);
+            break;
+        case CP_CONTENT_PATTERN:
+            ok = cp_matches_pattern(p, s->length, s->value, s->offset);
+            break;
+        default:
+            ok = 0;
+        }
+        if (!ok)
+            return 0;
+    }
+    return 1;
+}
+
+uint32_t cp_report_status(const struct cp_report *r) { return __atomic_load_n(&r->status, __ATOMIC_ACQUIRE); }
+
+/* CP_OP_VERIFY: check the view in place; copy it out only when it differs. */
+static int64_t child_verify(const void *view, struct cp_report *r, uint64_t len)
+{
+    if (len != r->length)
+        return -EINVAL;
+    uint32_t status = CP_REPORT_MATCHES;
+    if (!cp_report_matches(r, view)) {
+        if (r->copy_to != view) {
+            /* fork() does not copy the page table of a shared mapping:
+             * populate the report buffer in one call instead of faulting
+             * per page (best effort: MADV_POPULATE_WRITE is 5.14+, and
+             * needs a page-aligned start). */
+            madvise(r->copy_to, len, MADV_POPULATE_WRITE);
+            memcpy(r->copy_to, view, len);
+        }
+        status = CP_REPORT_COPIED;
+    }
+    __atomic_store_n(&r->status, status, __ATOMIC_RELEASE);
+    return status;
+}
+
 /* Runs one operation; returns its result (>= 0) or -errno. */
 static int64_t child_op(const struct cp_op *op)
 {
@@ -43,21 +93,18 @@ static int64_t child_op(const struct cp_op *op)
     case CP_OP_FILL:
         memset(op->addr, (int)op->arg, op->len);
         return 0;
-    case CP_OP_COPY:
-        /* fork() does not copy the page table of a shared mapping: populate
-         * the report buffer in one call instead of faulting per page (best
-         * effort: MADV_POPULATE_WRITE is 5.14+). */
-        madvise(op->addr2, op->len, MADV_POPULATE_WRITE);
-        memcpy(op->addr2, op->addr, op->len);
-        return 0;
+    case CP_OP_VERIFY:
+        return child_verify(op->addr, op->addr2, op->len);
     case CP_OP_MUNMAP:
         return munmap(op->addr, op->len) ? -errno : 0;
     case CP_OP_MPROTECT:
         return mprotect(op->addr, op->len, (int)op->arg) ? -errno : 0;
     case CP_OP_VMSPLICE:
         return cp_vmsplice(op->fd, op->addr, op->len);
-    case CP_OP_READ:
-        return cp_read_full(op->fd, op->addr2, op->len, (int)op->arg);
+    case CP_OP_READ: {
+        ssize_t r = cp_read_full(op->fd, op->addr2, op->len, (int)op->arg);
+        return r >= 0 && (uint64_t)r < op->len ? -ENODATA : r;
+    }
     default:
         return -EINVAL;
     }

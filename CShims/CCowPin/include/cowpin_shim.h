@@ -124,11 +124,12 @@ enum cp_op_kind {
     CP_OP_SIGNAL,      /* write a byte to fd */
     CP_OP_AWAIT,       /* wait (bounded by arg ms) for a byte on fd */
     CP_OP_FILL,        /* memset(addr, arg, len) */
-    CP_OP_COPY,        /* memcpy(addr2, addr, len) */
+    CP_OP_VERIFY,      /* check len bytes at addr against the report at addr2 (see below) */
     CP_OP_MUNMAP,      /* munmap(addr, len) */
     CP_OP_MPROTECT,    /* mprotect(addr, len, arg) */
     CP_OP_VMSPLICE,    /* vmsplice(fd, {addr, len}); result = bytes */
-    CP_OP_READ,        /* read len bytes of fd into addr2, bounded by arg ms; result = bytes */
+    CP_OP_READ,        /* read exactly len bytes of fd into addr2, each wait bounded by
+                        * arg ms; result = bytes; a short read fails with ENODATA */
 };
 
 struct cp_op {
@@ -149,6 +150,47 @@ struct cp_child_status {
     int32_t reserved;
     int64_t result[CP_MAX_OPS];
 };
+
+/* A child's report on its view of the region (CP_OP_VERIFY). The parent
+ * writes what the view should hold, as stretches of one content each, before
+ * fork(); the child checks its view in place and, only when it differs (or
+ * when there are no stretches: a layout the parent did not encode), copies it
+ * to copy_to. status is CP_REPORT_NONE until the child has finished: a child
+ * that died before reporting never reads as a report. */
+enum cp_content_kind {
+    CP_CONTENT_FILL = 1,     /* every byte is value */
+    CP_CONTENT_PATTERN = 2,  /* cp_fill_pattern(seed = value) at the stretch's region offset */
+};
+
+struct cp_stretch {
+    uint64_t offset;         /* region offset */
+    uint64_t length;
+    uint32_t kind;           /* enum cp_content_kind */
+    uint32_t value;
+};
+
+#define CP_MAX_STRETCHES 64
+
+enum cp_report_status {
+    CP_REPORT_NONE = 0,      /* no report (yet) */
+    CP_REPORT_MATCHES = 1,   /* the view held exactly the stretches; nothing copied */
+    CP_REPORT_COPIED = 2,    /* the view is at copy_to: it differs, or was not checked */
+};
+
+struct cp_report {
+    uint32_t status;         /* enum cp_report_status; written last, by the child */
+    uint32_t count;          /* stretches; 0: copy without checking */
+    uint64_t offset;         /* region offset of the view */
+    uint64_t length;
+    void *copy_to;           /* where a differing view goes (equal to the view: it is there already) */
+    struct cp_stretch stretch[CP_MAX_STRETCHES];
+};
+
+/* 1 when view (region offsets [r->offset, r->offset + r->length)) holds every
+ * stretch, 0 when not or when r has no stretches. Async-signal-safe. */
+int cp_report_matches(const struct cp_report *r, const void *view);
+/* r->status, read after the child wrote it (enum cp_report_status). */
+uint32_t cp_report_status(const struct cp_report *r);
 
 /* Child exit codes (other than an explicit CP_OP_EXIT). */
 enum {

@@ -76,10 +76,10 @@ public enum LongTermPinCases {
                       "read through the pin: must show the parent's write", "the child's view must still hold the original content"],
                      tags: ["fork"], backings: matrix) { ctx, region in
                 let p = try pinned(pin, ctx)
-                let report = try ctx.sharedBuffer()
+                let report = try ctx.childReport()
                 let child = try ctx.fork { c in
                     c.checkpoint()
-                    c.report(region, into: report)
+                    c.verify(region, holds: ctx.original, report: report)
                 }
                 try child.awaitCheckpoint()
                 ctx.parentWrites()
@@ -88,8 +88,8 @@ public enum LongTermPinCases {
                 try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
                 try child.resume()
                 try child.finish()
-                ctx.expect("child mapping", holds: ctx.original, seen: report.bytes,
-                           meaning: "the parent's write reached the child: the child maps the parent's pinned page")
+                try ctx.expect("child mapping", report: report,
+                               meaning: "the parent's write reached the child: the child maps the parent's pinned page")
             },
             scenario("fork-child-writes", "pin, fork(), the child writes",
                      ["pin the region", "fork(); the child writes 0xcc over its view",
@@ -113,10 +113,10 @@ public enum LongTermPinCases {
                       "the parent writes 0xff", "read through the pin: must show the write",
                       "the child's view must hold the original content"],
                      tags: ["fork"], backings: matrix) { ctx, region in
-                let report = try ctx.sharedBuffer()
+                let report = try ctx.childReport()
                 let child = try ctx.fork { c in
                     c.checkpoint()
-                    c.report(region, into: report)
+                    c.verify(region, holds: ctx.original, report: report)
                 }
                 try child.awaitCheckpoint()
                 ctx.notePages("shared, before pin")
@@ -126,8 +126,8 @@ public enum LongTermPinCases {
                 try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
                 try child.resume()
                 try child.finish()
-                ctx.expect("child mapping", holds: ctx.original, seen: report.bytes,
-                           meaning: "the pin or the parent's write reached the child's page")
+                try ctx.expect("child mapping", report: report,
+                               meaning: "the pin or the parent's write reached the child's page")
             },
             scenario("pin-previously-shared", "fork() and let the child exit, then pin and write",
                      ["fork(); the child exits at once", "pin the previously shared page",
@@ -213,10 +213,10 @@ public enum LongTermPinCases {
                                  backings: name == "wipeonfork" ? anon.filter { !$0.tags.contains("hugetlb") } : anon) { ctx, region in
                 try check("madvise(\(madv))", cp_madvise(region.base, region.size, advice))
                 let p = try pinned(pin, ctx)
-                let report = try ctx.sharedBuffer()
+                let report = try ctx.childReport()
                 let child = try ctx.fork { c in
                     c.checkpoint()
-                    if advice == Int32(CP_MADV_WIPEONFORK) { c.report(region, into: report) }
+                    if advice == Int32(CP_MADV_WIPEONFORK) { c.verify(region, holds: .zero, report: report) }
                 }
                 try child.awaitCheckpoint()
                 ctx.parentWrites()
@@ -225,7 +225,7 @@ public enum LongTermPinCases {
                 try child.resume()
                 try child.finish()
                 if advice == Int32(CP_MADV_WIPEONFORK) {
-                    ctx.expect("child mapping", holds: .zero, seen: report.bytes, meaning: "MADV_WIPEONFORK did not give the child zeroes")
+                    try ctx.expect("child mapping", report: report, meaning: "MADV_WIPEONFORK did not give the child zeroes")
                 }
             })
         }

@@ -79,10 +79,10 @@ public enum ODirectCases {
                   "the server answers the read", "the parent must see the read data and its own write",
                   "the child must see the original content"], tags: []) { ctx, region, sub in
             let read = try startHeldRead(ctx, sub)
-            let report = try ctx.sharedBuffer()
+            let report = try ctx.childReport()
             let child = try ctx.fork { c in
                 c.checkpoint()
-                c.report(region, into: report)
+                c.verify(region, holds: ctx.original, report: report)
             }
             try child.awaitCheckpoint()
             ctx.parentWrites(range: read.half..<region.pageSize)
@@ -92,8 +92,8 @@ public enum ODirectCases {
             try child.resume()
             try child.finish()
             ctx.expectParent(holds: read.parentLayout(ctx, secondHalf: ctx.parentWrite), meaning: lostReadMeaning)
-            ctx.expect("child mapping", holds: ctx.original, seen: report.bytes,
-                       meaning: "the read's data landed in the child's copy of the page")
+            try ctx.expect("child mapping", report: report,
+                           meaning: "the read's data landed in the child's copy of the page")
         }
     }
 
@@ -104,11 +104,11 @@ public enum ODirectCases {
                   "the parent must see the read data and the original second half",
                   "the child must see its write and not the read data"], tags: []) { ctx, region, sub in
             let read = try startHeldRead(ctx, sub)
-            let report = try ctx.sharedBuffer()
+            let report = try ctx.childReport()
             let child = try ctx.fork { c in
                 c.write(0xCC, to: region, range: region.pageSize / 2..<region.pageSize)
                 c.checkpoint()
-                c.report(region, into: report)
+                c.verify(region, holds: Layout(ctx.original).with(ctx.childWrite, at: read.half..<region.pageSize), report: report)
             }
             try child.awaitCheckpoint()
             ctx.notePages("after the child's write")
@@ -117,8 +117,7 @@ public enum ODirectCases {
             try child.resume()
             try child.finish()
             ctx.expectParent(holds: read.parentLayout(ctx, secondHalf: ctx.original), meaning: lostReadMeaning)
-            ctx.expect("child mapping", holds: Layout(ctx.original).with(ctx.childWrite, at: read.half..<region.pageSize),
-                       seen: report.bytes, meaning: "the read's data or the parent's page leaked into the child")
+            try ctx.expect("child mapping", report: report, meaning: "the read's data or the parent's page leaked into the child")
         }
     }
 

@@ -15,17 +15,17 @@ public enum PlainCOWCases {
             tags: ["cow", "fork", "nopin"], backings: Backing.withMTHP
         ) { ctx in
             let region = ctx.region!
-            let report = try ctx.sharedBuffer()
+            let report = try ctx.childReport()
             let child = try ctx.fork { c in
                 c.write(0xCC, to: region)
-                c.report(region, into: report)
+                c.verify(region, holds: ctx.childWrite, report: report)
                 c.checkpoint()
             }
             try child.awaitCheckpoint()
             ctx.notePages("after the child's write")
             ctx.notePages("after the child's write", child: child)
             ctx.expectParent(holds: ctx.original, meaning: "the child's write reached the parent: COW did not copy the page")
-            ctx.expect("child mapping", holds: ctx.childWrite, seen: report.bytes, meaning: "the child's own write is lost")
+            try ctx.expect("child mapping", report: report, meaning: "the child's own write is lost")
             try child.resume()
             try child.finish()
         },
@@ -41,10 +41,10 @@ public enum PlainCOWCases {
             tags: ["cow", "fork", "nopin"] + (mprotect ? ["mprotect"] : []), backings: Backing.cowMatrix
         ) { ctx in
             let region = ctx.region!
-            let report = try ctx.sharedBuffer()
+            let report = try ctx.childReport()
             let child = try ctx.fork { c in
                 c.checkpoint()
-                c.report(region, into: report)
+                c.verify(region, holds: ctx.original, report: report)
             }
             try child.awaitCheckpoint()
             ctx.noteHugetlbPool("after fork()")
@@ -58,8 +58,8 @@ public enum PlainCOWCases {
             ctx.noteHugetlbPool("after the parent's write")
             try child.resume()
             try child.finish()
-            ctx.expect("child mapping", holds: ctx.original, seen: report.bytes,
-                       meaning: "the child no longer holds what it had at fork(): the parent's write reached it (COW did not copy the page), or its page was taken from it")
+            try ctx.expect("child mapping", report: report,
+                           meaning: "the child no longer holds what it had at fork(): the parent's write reached it (COW did not copy the page), or its page was taken from it")
             ctx.expectParent(holds: ctx.parentWrite, meaning: "the parent's own write is lost")
         }
     }
@@ -102,10 +102,10 @@ public enum PlainCOWCases {
             let shared = notForked.map { $0.lowerBound == 0 ? half..<region.size : 0..<half } ?? 0..<region.size
             if when == .beforeFork { try collapse() }
             if let r = notForked { try region.madvise(Int32(CP_MADV_DONTFORK), name: "MADV_DONTFORK", range: r) }
-            let report = try ctx.sharedBuffer()
+            let report = try ctx.childReport()
             let child = try ctx.fork { c in
                 c.checkpoint()
-                c.report(region, into: report, range: shared)
+                c.verify(region, holds: ctx.original, report: report, range: shared)
             }
             try child.awaitCheckpoint()
             if let r = notForked { try region.madvise(Int32(CP_MADV_DOFORK), name: "MADV_DOFORK", range: r) }
@@ -115,9 +115,8 @@ public enum PlainCOWCases {
             ctx.notePages("after collapse and the parent's write", child: child)
             try child.resume()
             try child.finish()
-            ctx.expect("child mapping (the shared part)", holds: Layout(ctx.original),
-                       seen: UnsafeRawBufferPointer(rebasing: report.bytes[shared]), at: shared.lowerBound,
-                       meaning: "the parent's write reached the child: the collapsed THP was not copied on write")
+            try ctx.expect("child mapping (the shared part)", report: report,
+                           meaning: "the parent's write reached the child: the collapsed THP was not copied on write")
             ctx.expectParent(holds: ctx.parentWrite, meaning: "the parent's own write is lost")
         }
     }

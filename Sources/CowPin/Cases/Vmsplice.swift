@@ -34,12 +34,12 @@ public enum VmspliceCases {
         ) { ctx in
             let region = ctx.region!
             let pipes = try pipes(for: region)
-            let report = try ctx.sharedBuffer()
+            let report = try ctx.childReport()
             let child = try ctx.fork { c in
                 c.vmsplice(region, into: pipes)
                 c.unmap(region)
                 c.checkpoint()
-                c.read(pipes, into: report)
+                c.verify(pipes, hold: ctx.original, report: report)
             }
             try child.awaitCheckpoint()
             let moved = child.results(of: "vmsplice")
@@ -54,8 +54,8 @@ public enum VmspliceCases {
             ctx.notePages("after the parent's write")
             try child.resume()
             try child.finish()
-            ctx.expect("pipe (vmsplice()d by the child, read by the child)", holds: ctx.original, seen: report.bytes,
-                       meaning: "the parent's write reached the page the child's pipe holds: the parent reused a page that was still referenced (data leaks from parent to child)")
+            try ctx.expect("pipe (vmsplice()d by the child, read by the child)", report: report,
+                           meaning: "the parent's write reached the page the child's pipe holds: the parent reused a page that was still referenced (data leaks from parent to child)")
         }
     }
 

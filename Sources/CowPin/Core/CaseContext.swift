@@ -45,8 +45,8 @@ public final class CaseContext {
         return child
     }
 
-    /// A buffer shared with children, as large as the region.
-    public func sharedBuffer() throws -> SharedBuffer { try SharedBuffer(size: region.size) }
+    /// A report a child makes on its view of the region (`ChildProgram.verify`).
+    public func childReport() throws -> ChildReport { try ChildReport(size: region.size, pageSize: region.pageSize) }
 
     /// The parent writes `content` (default: its 0xff) over the region, or over `range` of it.
     public func parentWrites(_ content: Content? = nil, range: Range<Int>? = nil) {
@@ -61,10 +61,21 @@ public final class CaseContext {
         }
     }
 
+    /// Records a finding when the child reported that its view did not hold
+    /// what `ChildProgram.verify` said it should; a child that made no report
+    /// (it died, or never got that far) is an error, never a pass.
+    public func expect(_ view: String, report: ChildReport, meaning: String) throws {
+        guard let expected = report.expected else { throw HarnessError("no child was asked to report on the \(view)") }
+        switch report.outcome {
+        case .none: throw HarnessError("the child made no report on the \(view): it died or did not get that far")
+        case .matches: return
+        case .copied(let seen): expect(view, holds: expected, seen: seen, at: report.range.lowerBound, meaning: meaning)
+        }
+    }
+
     /// What the pin sees (its observed range) must hold `expected`.
     public func expect(_ pin: Pin, holds expected: Content, meaning: String) throws {
-        let seen = try pin.read()
-        seen.withUnsafeBytes { expect(pin.view, holds: Layout(expected), seen: $0, at: pin.observed.lowerBound, meaning: meaning) }
+        try pin.withView { expect(pin.view, holds: Layout(expected), seen: $0, at: pin.observed.lowerBound, meaning: meaning) }
     }
 
     public func expect(_ view: String, holds expected: Content, seen: UnsafeRawBufferPointer, meaning: String) {

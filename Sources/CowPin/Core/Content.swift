@@ -101,23 +101,28 @@ public struct Layout: Equatable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// Whether `bytes`, found at `offset` in the region, hold this layout.
-    public func matches(_ bytes: UnsafeRawBufferPointer, offset: Int = 0) -> Bool {
-        if overlays.isEmpty { return base.matches(bytes, offset: offset) }
-        // Each stretch between overlay edges belongs to one content (the last
-        // overlay covering it, else the base): check it in place.
-        let whole = offset..<(offset + bytes.count)
+    /// [offset, offset + count) split at the overlay edges: each stretch
+    /// belongs to one content (the last overlay covering it, else the base).
+    public func stretches(offset: Int, count: Int) -> [(range: Range<Int>, content: Content)] {
+        let whole = offset..<(offset + count)
+        if overlays.isEmpty { return whole.isEmpty ? [] : [(whole, base)] }
         var edges = [whole.lowerBound, whole.upperBound]
         for o in overlays {
             let r = o.range.clamped(to: whole)
             if !r.isEmpty { edges += [r.lowerBound, r.upperBound] }
         }
         edges = Array(Set(edges)).sorted()
-        for (lo, hi) in zip(edges, edges.dropFirst()) {
-            let owner = overlays.last { $0.range.contains(lo) }?.content ?? base
-            if !owner.matches(UnsafeRawBufferPointer(rebasing: bytes[(lo - offset)..<(hi - offset)]), offset: lo) { return false }
+        return zip(edges, edges.dropFirst()).map { lo, hi in
+            (lo..<hi, overlays.last { $0.range.contains(lo) }?.content ?? base)
         }
-        return true
+    }
+
+    /// Whether `bytes`, found at `offset` in the region, hold this layout
+    /// (each stretch is checked in place).
+    public func matches(_ bytes: UnsafeRawBufferPointer, offset: Int = 0) -> Bool {
+        stretches(offset: offset, count: bytes.count).allSatisfy { r, owner in
+            owner.matches(UnsafeRawBufferPointer(rebasing: bytes[(r.lowerBound - offset)..<(r.upperBound - offset)]), offset: r.lowerBound)
+        }
     }
 }
 

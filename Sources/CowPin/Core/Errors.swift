@@ -26,7 +26,7 @@ public enum Errno {
         EACCES: "EACCES", EFAULT: "EFAULT", EBUSY: "EBUSY", EEXIST: "EEXIST", ENODEV: "ENODEV",
         EINVAL: "EINVAL", ENFILE: "ENFILE", EMFILE: "EMFILE", ENOSPC: "ENOSPC", EPIPE: "EPIPE",
         ENOSYS: "ENOSYS", EOPNOTSUPP: "EOPNOTSUPP", ETIMEDOUT: "ETIMEDOUT", ETIME: "ETIME",
-        ENXIO: "ENXIO", EROFS: "EROFS", ECANCELED: "ECANCELED",
+        ENXIO: "ENXIO", EROFS: "EROFS", ECANCELED: "ECANCELED", ENODATA: "ENODATA",
     ]
 
     public static func name(_ err: Int32) -> String { names[err] ?? "errno \(err)" }

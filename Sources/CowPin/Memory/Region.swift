@@ -119,21 +119,20 @@ public final class Region {
 
 }
 
-/// Memory shared between parent and child (MAP_SHARED): the child's reports.
-/// Buffers up to 4 MiB are kept for the next case of the same size (their
-/// pages stay allocated: no shmem fault and clearing per case), and filled
-/// with a poison byte when handed out, so stale data never passes for a report.
-public final class SharedBuffer {
+/// Memory shared between parent and child (MAP_SHARED): the child's status
+/// block and reports. Buffers up to 4 MiB are kept for the next user of the
+/// same size (their pages stay allocated: no shmem fault and clearing per
+/// case), so a buffer holds whatever its last user left: every user writes
+/// what it relies on (the child status block and the report header) first.
+final class SharedBuffer {
     let region: Region
     static let poolLimit = 4 << 20
     static let pool = Locked<[Int: [Region]]>([:])
-    static let poison: UInt8 = 0xA5
 
-    public init(size: Int) throws {
+    init(size: Int) throws {
         let n = max(size, 1)
         if n <= Self.poolLimit, let kept = Self.pool.with({ $0[n]?.popLast() }) {
             region = kept
-            memset(region.base, Int32(Self.poison), n)
         } else {
             region = try Region.anonymous(size: n, shared: true, origin: "shared report buffer")
         }
@@ -146,7 +145,6 @@ public final class SharedBuffer {
             if p[r.size, default: []].count < 2 { p[r.size, default: []].append(r) }
         }
     }
-    public var base: UnsafeMutableRawPointer { region.base }
-    public var size: Int { region.size }
-    public var bytes: UnsafeRawBufferPointer { region.bytes }
+    var base: UnsafeMutableRawPointer { region.base }
+    var size: Int { region.size }
 }

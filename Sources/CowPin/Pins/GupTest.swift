@@ -45,10 +45,10 @@ final class GupTestLongterm: Pin {
     var view: String { "pin (gup_test PIN_LONGTERM_TEST_READ)" }
     var observed: Range<Int> { 0..<size }
 
-    func read() throws -> [UInt8] {
+    func withView<R>(_ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         var out = [UInt8](repeating: 0, count: size)
-        try out.withUnsafeMutableBytes { try check("PIN_LONGTERM_TEST_READ", cp_gup_pin_longterm_read(fd, $0.baseAddress)) }
-        return out
+        _ = try out.withUnsafeMutableBytes { try check("PIN_LONGTERM_TEST_READ", cp_gup_pin_longterm_read(fd, $0.baseAddress)) }
+        return try out.withUnsafeBytes(body)
     }
 
     func release() {

@@ -3,7 +3,8 @@ import Glibc
 
 /// io_uring fixed buffers: IORING_REGISTER_BUFFERS takes a long-term R/W pin
 /// (FOLL_PIN | FOLL_LONGTERM | FOLL_WRITE). The pin's view is observed with
-/// IORING_OP_WRITE_FIXED into a memfd, read back with pread().
+/// IORING_OP_WRITE_FIXED into a memfd, read in place through a MAP_SHARED
+/// mapping of it.
 public struct IoUringFixedPin: PinMethod {
     public init() {}
     public var id: String { "iouring-fixed" }
@@ -111,21 +112,69 @@ final class IoUringFixed: Pin {
     var view: String { "pin (io_uring WRITE_FIXED of the registered buffer, read back)" }
     var observed: Range<Int> { 0..<region.size }
 
-    func read() throws -> [UInt8] {
-        let fd = try check("memfd_create", cp_memfd_create("cowpin-pin-view", 0))
-        defer { cp_close(fd) }
-        let n = try ring.perform(.writeFixed, fd: fd, address: address, length: region.size, offset: 0, timeoutMs: timeoutMs)
+    func withView<R>(_ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        let file = try MemfdView.take(size: region.size)
+        // The write covers the whole file: every byte of the view comes from
+        // the pinned pages, whatever an earlier view left there. A file whose
+        // write failed (or may still be in flight) is not reused.
+        let n = try ring.perform(.writeFixed, fd: file.fd, address: address, length: region.size, offset: 0, timeoutMs: timeoutMs)
         guard n == region.size else { throw HarnessError("WRITE_FIXED wrote \(n) of \(region.size) bytes") }
-        var out = [UInt8](repeating: 0, count: region.size)
-        let got = try out.withUnsafeMutableBytes { try check("pread(memfd)", cp_pread_full(fd, $0.baseAddress, $0.count, 0)) }
-        guard got == region.size else { throw HarnessError("read back \(got) of \(region.size) bytes") }
-        return out
+        defer { MemfdView.give(file) }
+        return try body(file.bytes)
     }
 
     func release() {
         if registered {
             cp_ring_unregister_buffers(ring.ring)
             registered = false
+        }
+    }
+}
+
+/// A memfd of a fixed size, mapped MAP_SHARED read-only once: what a device
+/// path writes into the file is read in place through the mapping, with no
+/// copy back. Files up to 4 MiB are kept for the next view of the same size
+/// (their pages stay allocated: no shmem allocation and clearing per read).
+final class MemfdView {
+    let fd: Int32
+    let base: UnsafeMutableRawPointer
+    let size: Int
+    static let poolLimit = 4 << 20
+    static let pool = Locked<[Int: [MemfdView]]>([:])
+
+    private init(size: Int) throws {
+        let fd = try check("memfd_create", cp_memfd_create("cowpin-pin-view", 0))
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let e = errno
+            cp_close(fd)
+            throw SyscallError("ftruncate(memfd, \(size))", errno: e)
+        }
+        var err: Int32 = 0
+        guard let p = cp_mmap_fd(size, Int32(CP_PROT_READ), 1, fd, 0, &err) else {
+            cp_close(fd)
+            throw SyscallError("mmap(memfd, MAP_SHARED)", errno: err)
+        }
+        self.fd = fd
+        self.base = p
+        self.size = size
+    }
+
+    deinit {
+        cp_munmap(base, size)
+        cp_close(fd)
+    }
+
+    var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }
+
+    static func take(size: Int) throws -> MemfdView {
+        if let kept = pool.with({ $0[size]?.popLast() }) { return kept }
+        return try MemfdView(size: size)
+    }
+
+    static func give(_ view: MemfdView) {
+        guard view.size <= poolLimit else { return }
+        pool.with { p in
+            if p[view.size, default: []].count < 2 { p[view.size, default: []].append(view) }
         }
     }
 }

@@ -29,7 +29,7 @@ public struct ODirectWritePin: PinMethod {
 }
 
 /// An O_DIRECT write of the region's first `length` bytes (file offset 0),
-/// queued while the server reads nothing. `read()` lets the server read the
+/// queued while the server reads nothing. `withView` lets the server read the
 /// request, which copies what the pinned pages hold at that moment. It can be
 /// read once: the request is gone afterwards.
 public final class QueuedWrite: Pin {
@@ -52,7 +52,7 @@ public final class QueuedWrite: Pin {
     public var view: String { "pin (the data of the held O_DIRECT write, as the FUSE server receives it)" }
     public var observed: Range<Int> { 0..<length }
 
-    public func read() throws -> [UInt8] {
+    public func withView<R>(_ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         guard !consumed else { throw HarnessError("the held O_DIRECT write was already read: it can be read once") }
         consumed = true
         try server.openGate()
@@ -62,7 +62,7 @@ public final class QueuedWrite: Pin {
         }
         let n = try io.complete(timeoutMs: timeoutMs)
         guard n == length else { throw HarnessError("\(io.how) returned \(n), expected \(length)") }
-        return w.data
+        return try w.data.withUnsafeBytes(body)
     }
 
     /// The case's cleanup shuts the server down, which fails a write still queued.

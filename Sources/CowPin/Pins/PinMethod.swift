@@ -16,10 +16,11 @@ public protocol PinMethod: Sendable {
 public protocol Pin: AnyObject {
     /// The view, for evidence ("pin (io_uring WRITE_FIXED read-back)").
     var view: String { get }
-    /// The byte range of the region `read()` returns (a device may see only a sample).
+    /// The byte range of the region the view covers (a device may see only a sample).
     var observed: Range<Int> { get }
-    /// What the pinned pages hold now in `observed`, as the device reads them.
-    func read() throws -> [UInt8]
+    /// Reads what the pinned pages hold now in `observed`, as the device
+    /// reads them, and passes it to `body` (valid only during the call).
+    func withView<R>(_ body: (UnsafeRawBufferPointer) throws -> R) throws -> R
     /// Drops the pin (idempotent).
     func release()
 }

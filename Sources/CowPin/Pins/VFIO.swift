@@ -225,7 +225,7 @@ final class VFIOMapping: Pin {
     /// there afterwards, the device copied nothing (a harness failure, not a view).
     static let marker = Content.written(0x5A, by: "the scratch marker")
 
-    func read() throws -> [UInt8] {
+    func withView<R>(_ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         let n = observed.count
         scratch.fill(Self.marker)
         try device.copy(from: iova, to: scratchIOVA, count: n, timeoutMs: timeoutMs)
@@ -233,7 +233,7 @@ final class VFIOMapping: Pin {
         if Self.marker.matches(seen, offset: 0) {
             throw HarnessError("the \(name) DMA round trip copied nothing (bus mastering off, or IOMMU fault)")
         }
-        return Array(seen)
+        return try body(seen)
     }
 
     func release() {

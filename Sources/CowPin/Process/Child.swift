@@ -37,12 +37,17 @@ public struct ChildProgram {
         add("write 0x\(hex(byte))", CP_OP_FILL, addr: region.base + r.lowerBound, len: r.count, arg: Int64(byte))
     }
 
-    /// Copy the child's view of the region (or of `range`) into a shared
-    /// buffer the parent can read, at the same offsets.
-    public mutating func report(_ region: Region, into buffer: SharedBuffer, range: Range<Int>? = nil) {
+    /// The child checks its view of the region (or of `range`) in place
+    /// against `expected`, and copies it into `report` only when it differs.
+    public mutating func verify(_ region: Region, holds expected: Layout, report: ChildReport, range: Range<Int>? = nil) {
         let r = range ?? 0..<region.size
-        precondition(buffer.size >= r.upperBound)
-        add("copy to report", CP_OP_COPY, addr: region.base + r.lowerBound, addr2: buffer.base + r.lowerBound, len: r.count)
+        precondition(report.size == region.size)
+        let header = report.prepare(expected, range: r)
+        add("verify", CP_OP_VERIFY, addr: region.base + r.lowerBound, addr2: UnsafeMutableRawPointer(header), len: r.count)
+    }
+
+    public mutating func verify(_ region: Region, holds expected: Content, report: ChildReport, range: Range<Int>? = nil) {
+        verify(region, holds: Layout(expected), report: report, range: range)
     }
 
     public mutating func unmap(_ region: Region) {
@@ -60,12 +65,16 @@ public struct ChildProgram {
         }
     }
 
-    /// Read back what the pipes hold into a shared buffer, at the offsets they cover.
-    public mutating func read(_ pipes: SplicePipes, into buffer: SharedBuffer) {
+    /// Reads back what the pipes hold into `report` (at the region offsets
+    /// they cover), and checks it there against `expected`.
+    public mutating func verify(_ pipes: SplicePipes, hold expected: Content, report: ChildReport) {
         for (pipe, range) in zip(pipes.pipes, pipes.ranges) {
-            precondition(buffer.size >= range.upperBound)
-            add("read pipe", CP_OP_READ, fd: pipe.readEnd, addr2: buffer.base + range.lowerBound, len: range.count, arg: timeoutMs)
+            precondition(report.size >= range.upperBound)
+            add("read pipe", CP_OP_READ, fd: pipe.readEnd, addr2: report.data(at: range.lowerBound), len: range.count, arg: timeoutMs)
         }
+        let whole = (pipes.ranges.first?.lowerBound ?? 0)..<(pipes.ranges.last?.upperBound ?? 0)
+        let header = report.prepare(Layout(expected), range: whole)
+        add("verify", CP_OP_VERIFY, addr: report.data(at: whole.lowerBound), addr2: UnsafeMutableRawPointer(header), len: whole.count)
     }
 }
 

@@ -38,7 +38,15 @@ let package = Package(
                 "CowPin",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            path: "Sources/cowpin"
+            path: "Sources/cowpin",
+            // Every case fork()s this process, so its mappings are copied per case.
+            // -static-stdlib links the Swift runtime, Foundation Essentials and
+            // dispatch into the executable (98 -> ~50 VMAs, fewer relocated data
+            // pages); -z now binds every symbol at start, so the children do not
+            // resolve their libc calls lazily (each one a symbol lookup and a
+            // copy-on-write fault on the GOT).
+            swiftSettings: [.unsafeFlags(["-static-stdlib"])],
+            linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xlinker", "-z", "-Xlinker", "now"])]
         ),
         .testTarget(
             name: "CowPinTests",

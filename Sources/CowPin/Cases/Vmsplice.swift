@@ -82,9 +82,10 @@ public enum VmspliceCases {
             try region.unmap()
             try child.resume()
             try child.finish()
-            let seen = try pipes.readAll(timeoutMs: ctx.timeoutMs)
-            ctx.expect("pipe (vmsplice()d by the parent)", holds: ctx.original, seen: seen,
-                       meaning: "the child's write reached the page the parent's pipe holds: data leaks from child to parent")
+            try pipes.withContents(timeoutMs: ctx.timeoutMs) { seen in
+                ctx.expect("pipe (vmsplice()d by the parent)", holds: ctx.original, seen: seen,
+                           meaning: "the child's write reached the page the parent's pipe holds: data leaks from child to parent")
+            }
         }
     }
 }

@@ -27,15 +27,6 @@ public final class OSPipe {
     public func closeWrite() {
         if writeEnd >= 0 { cp_close(writeEnd); writeEnd = -1 }
     }
-
-    /// Reads exactly `count` bytes (fewer at end of file), each wait bounded.
-    public func read(count: Int, timeoutMs: Int32) throws -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: count)
-        let n = try out.withUnsafeMutableBytes { b in
-            try check("read(pipe, \(count) bytes)", cp_read_full(readEnd, b.baseAddress, count, timeoutMs))
-        }
-        return Array(out[0..<n])
-    }
 }
 
 /// Pipes that together can hold a whole region for vmsplice(): one pipe when
@@ -85,10 +76,16 @@ public final class SplicePipes {
         }
     }
 
-    /// Reads back everything the pipes hold, in region order (bounded waits).
-    public func readAll(timeoutMs: Int32) throws -> [UInt8] {
-        var out: [UInt8] = []
-        for (p, r) in zip(pipes, ranges) { out += try p.read(count: r.count, timeoutMs: timeoutMs) }
-        return out
+    /// Reads back everything the pipes hold, in region order (bounded waits),
+    /// into reused memory, and passes it to `body` (valid only during the call).
+    /// A pipe that holds less than was spliced into it is a harness error.
+    public func withContents<R>(timeoutMs: Int32, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        let total = ranges.last?.upperBound ?? 0
+        let buffer = try SharedBuffer(size: total)
+        for (p, r) in zip(pipes, ranges) {
+            let n = try check("read(pipe, \(r.count) bytes)", cp_read_full(p.readEnd, buffer.base + r.lowerBound, r.count, timeoutMs))
+            guard n == r.count else { throw HarnessError("a pipe held \(n) bytes, \(r.count) were vmsplice()d into it") }
+        }
+        return try body(UnsafeRawBufferPointer(start: buffer.base, count: total))
     }
 }

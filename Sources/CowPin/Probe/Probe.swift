@@ -299,9 +299,10 @@ public struct KernelConfig: Sendable {
 
     public static func parse(_ text: String) -> [String: String] {
         var out: [String: String] = [:]
-        for line in text.split(separator: "\n") where line.hasPrefix("CONFIG_") {
-            guard let eq = line.firstIndex(of: "=") else { continue }
-            out[String(line[..<eq])] = String(line[line.index(after: eq)...])
+        // Bytes, not Characters: a config has thousands of lines.
+        for line in text.utf8.split(separator: UInt8(ascii: "\n")) where line.starts(with: "CONFIG_".utf8) {
+            guard let eq = line.firstIndex(of: UInt8(ascii: "=")) else { continue }
+            out[String(decoding: line[..<eq], as: UTF8.self)] = String(decoding: line[line.index(after: eq)...], as: UTF8.self)
         }
         return out
     }

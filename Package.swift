@@ -45,8 +45,10 @@ let package = Package(
             // pages); -z now binds every symbol at start, so the children do not
             // resolve their libc calls lazily (each one a symbol lookup and a
             // copy-on-write fault on the GOT).
-            swiftSettings: [.unsafeFlags(["-static-stdlib"])],
-            linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xlinker", "-z", "-Xlinker", "now"])]
+            // Release builds only: a debug link of the static Foundation misses
+            // its _FoundationCollections dependency.
+            swiftSettings: [.unsafeFlags(["-static-stdlib"], .when(configuration: .release))],
+            linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xlinker", "-z", "-Xlinker", "now"], .when(configuration: .release))]
         ),
         .testTarget(
             name: "CowPinTests",

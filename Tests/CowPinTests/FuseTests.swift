@@ -127,16 +127,9 @@ struct FuseTests {
         }
         // A queued write of the region's original content: the server must report that one.
         let queued = Self.scenario("fuse-queued-write") { ctx in
-            let server = try ctx.fuseServer()
-            seen.mountpoints.append(server.mountpoint)
-            let fd = try ctx.open(server)
-            try server.closeGate()
-            let io = try Submitter.thread.start(write: true, fd: fd, address: ctx.region.base, length: 2048, ring: nil)
-            try server.awaitQueuedRequest()
-            try server.openGate()
-            let w = try server.awaitWrite()
-            _ = try io.complete(timeoutMs: ctx.timeoutMs)
-            ctx.expect("FUSE server", holds: ctx.original, seen: w.data, meaning: "the server reported another case's WRITE")
+            let write = try QueuedWrite(ctx, .thread, length: 2048)
+            seen.mountpoints.append(write.server.mountpoint)
+            try ctx.expect(write, holds: ctx.original, meaning: "the server reported another case's WRITE")
         }
         #expect(run(writer) == .coherent)
         let v = run(queued)

@@ -33,7 +33,7 @@ public struct ODirectWritePin: PinMethod {
 /// request, which copies what the pinned pages hold at that moment. It can be
 /// read once: the request is gone afterwards.
 public final class QueuedWrite: Pin {
-    let server: FuseServer
+    public let server: FuseServer
     let io: InFlightIO
     let length: Int
     let timeoutMs: Int32

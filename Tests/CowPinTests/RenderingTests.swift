@@ -156,6 +156,10 @@ struct ProbeParsingTests {
     @Test func kernelConfig() {
         let v = KernelConfig.parse("# CONFIG_GUP_TEST is not set\nCONFIG_IO_URING=y\nCONFIG_ZRAM_DEF_COMP=\"lzo-rle\"\n")
         #expect(v == ["CONFIG_IO_URING": "y", "CONFIG_ZRAM_DEF_COMP": "\"lzo-rle\""])
+        // Only the keys asked for; a key is not a prefix of a longer one.
+        let text = "CONFIG_GUP_TEST=y\nCONFIG_GUP_TEST_X=y\nCONFIG_IO_URING=y\n"
+        #expect(KernelConfig.parse(text, keys: ["CONFIG_GUP_TEST"]) == ["CONFIG_GUP_TEST": "y"])
+        #expect(KernelConfig.parse("CONFIG_GUP_TEST_X=y\n", keys: ["CONFIG_GUP_TEST"]).isEmpty)
     }
 
     @Test func smaps() {

@@ -49,7 +49,7 @@ public struct Selection: Sendable, Equatable {
         for f in filters where !cases.contains(where: { Self.glob(f, $0.id) }) {
             throw Unmatched(description: "no case matches filter '\(f)' (see `cowpin list`)")
         }
-        let known = Set(cases.flatMap(\.tags))
+        let known = tags.isEmpty ? [] : Set(cases.flatMap(\.tags))
         for t in tags where !known.contains(t) {
             throw Unmatched(description: "unknown tag '\(t)'; known tags: \(known.sorted().joined(separator: ", "))")
         }

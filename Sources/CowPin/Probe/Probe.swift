@@ -215,7 +215,7 @@ public struct Probe: Codable, Sendable, Equatable {
             return Feature(available: false, detail: "gup_test unavailable: kernel built without CONFIG_GUP_TEST (debugfs has no gup_test)")
         }
         // debugfs is not mounted: the build configuration tells whether mounting it would help.
-        if let config = KernelConfig.current(), config.values["CONFIG_GUP_TEST"] == nil {
+        if let config = KernelConfig.current(keys: ["CONFIG_GUP_TEST"]), config.values["CONFIG_GUP_TEST"] == nil {
             return Feature(available: false, detail: "gup_test unavailable: CONFIG_GUP_TEST is not set (\(config.source))")
         }
         return Feature(available: false, detail: "gup_test unavailable: debugfs is not mounted on /sys/kernel/debug")
@@ -284,23 +284,26 @@ public struct KernelConfig: Sendable {
     /// CONFIG_X -> "y", "m", "\"string\"", ... (options that are not set are absent).
     public var values: [String: String]
 
-    public static func current() -> KernelConfig? {
+    /// The configuration, or only `keys` of it (a config has thousands of lines).
+    public static func current(keys: Set<String>? = nil) -> KernelConfig? {
         var buf = [UInt8](repeating: 0, count: 1 << 20)
         let n = buf.withUnsafeMutableBytes { cp_read_gzip("/proc/config.gz", $0.baseAddress, $0.count) }
         if n > 0 {
-            return KernelConfig(source: "/proc/config.gz", values: parse(String(decoding: buf[0..<n], as: UTF8.self)))
+            return KernelConfig(source: "/proc/config.gz", values: parse(String(decoding: buf[0..<n], as: UTF8.self), keys: keys))
         }
         var u = utsname()
         uname(&u)
         let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
         let path = "/boot/config-\(release)"
-        return readFile(path).map { KernelConfig(source: path, values: parse($0)) }
+        return readFile(path).map { KernelConfig(source: path, values: parse($0, keys: keys)) }
     }
 
-    public static func parse(_ text: String) -> [String: String] {
+    public static func parse(_ text: String, keys: Set<String>? = nil) -> [String: String] {
         var out: [String: String] = [:]
-        // Bytes, not Characters: a config has thousands of lines.
+        let wanted = keys.map { $0.map { Array(($0 + "=").utf8) } }
+        // Bytes, not Characters.
         for line in text.utf8.split(separator: UInt8(ascii: "\n")) where line.starts(with: "CONFIG_".utf8) {
+            if let wanted, !wanted.contains(where: { line.starts(with: $0) }) { continue }
             guard let eq = line.firstIndex(of: UInt8(ascii: "=")) else { continue }
             out[String(decoding: line[..<eq], as: UTF8.self)] = String(decoding: line[line.index(after: eq)...], as: UTF8.self)
         }

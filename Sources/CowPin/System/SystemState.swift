@@ -126,17 +126,22 @@ public final class SystemState: @unchecked Sendable {
     /// Rewrites the journal with `changes` (removes it when empty). Not
     /// fsynced: it must outlive the process (a SIGKILL), not the machine
     /// (after a reboot the knobs are back at their boot values anyway).
+    /// Overwritten in place and cut to length, never truncated to zero first:
+    /// on ext4 a file truncated to zero and rewritten is flushed when it is
+    /// closed (auto_da_alloc), 0.4 ms per case when /run is not a tmpfs.
     private func writeJournal(_ changes: [Change]) throws {
         if changes.isEmpty {
             unlink(journalPath)
             return
         }
         mkdir(Self.directory, 0o700)
-        let fd = open(journalPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let fd = open(journalPath, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw SyscallError("open(\(journalPath))", errno: errno) }
         defer { close(fd) }
         let text = Array(changes.map { $0.line + "\n" }.joined().utf8)
-        _ = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        let n = text.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        guard n == text.count else { throw SyscallError("write(\(journalPath))", errno: n < 0 ? errno : EIO) }
+        guard ftruncate(fd, off_t(text.count)) == 0 else { throw SyscallError("ftruncate(\(journalPath))", errno: errno) }
     }
 
     /// Undoes the changes of the case that ends (`caseOnly`), or all of them

@@ -66,7 +66,7 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 }
 
 struct Run: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Run cases and report KTAP (default) or JSON.")
+    static let configuration = CommandConfiguration(commandName: "run", abstract: "Run cases and report KTAP (default) or JSON.")
 
     @OptionGroup var selection: SelectionOptions
 
@@ -141,7 +141,7 @@ struct Run: ParsableCommand {
 /// `cowpin run`'s worker: runs the case runs after `--from` and reports each
 /// start and result on fd 3 (see `Supervisor`). Not for direct use.
 struct Worker: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Run cases for `cowpin run` (internal).", shouldDisplay: false)
+    static let configuration = CommandConfiguration(commandName: "worker", abstract: "Run cases for `cowpin run` (internal).", shouldDisplay: false)
 
     @Option(help: "Index ranges into the catalog (\"0-20,25\").") var cases: String
 
@@ -172,7 +172,7 @@ struct Worker: ParsableCommand {
 }
 
 struct List: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "List the catalog (or the selected cases).")
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "List the catalog (or the selected cases).")
 
     @OptionGroup var selection: SelectionOptions
 
@@ -209,7 +209,7 @@ struct List: ParsableCommand {
 }
 
 struct Probe: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show what the running kernel offers cowpin.")
+    static let configuration = CommandConfiguration(commandName: "probe", abstract: "Show what the running kernel offers cowpin.")
 
     @Option(help: ArgumentHelp("Output format: text or json.", valueName: "format"))
     var format: OutputFormat = .text
@@ -229,7 +229,7 @@ struct Probe: ParsableCommand {
 }
 
 struct Explain: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Explain what a case does, step by step.")
+    static let configuration = CommandConfiguration(commandName: "explain", abstract: "Explain what a case does, step by step.")
 
     @Argument(help: "A case id (see `cowpin list`).")
     var caseID: String

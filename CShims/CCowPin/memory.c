@@ -115,14 +115,22 @@ uint8_t cp_pattern_byte(uint32_t seed, size_t offset)
     return (uint8_t)(pattern_word(seed, offset >> 3) >> ((offset & 7) * 8));
 }
 
-/* Async-signal-safe (a child may fill): the table lives on the stack. */
-/* Words from `wi` to the end of its pattern page, at most `avail`. */
-static size_t page_run(uint64_t wi, size_t avail)
+/* The words of one pattern page from a word index on: the table entries,
+ * the page's salt, and how many (to the page's end, at most `avail`). Going
+ * a page at a time keeps the salt constant, so the loops over it vectorise. */
+struct pattern_run {
+    const uint64_t *table;
+    uint64_t salt;
+    size_t words;
+};
+
+static struct pattern_run pattern_run_at(const uint64_t *table, uint64_t word_index, size_t avail)
 {
-    size_t n = PATTERN_PAGE_WORDS - (size_t)(wi % PATTERN_PAGE_WORDS);
-    return n < avail ? n : avail;
+    size_t k = (size_t)(word_index % PATTERN_PAGE_WORDS), n = PATTERN_PAGE_WORDS - k;
+    return (struct pattern_run){table + k, pattern_salt(word_index / PATTERN_PAGE_WORDS), n < avail ? n : avail};
 }
 
+/* Async-signal-safe (a child may fill): the table lives on the stack. */
 void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset)
 {
     uint8_t *p = addr;
@@ -132,18 +140,13 @@ void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset)
     if (len - i >= 8) {
         uint64_t table[PATTERN_PAGE_WORDS];
         pattern_table(seed, table);
-        /* One pattern page at a time: a constant salt, so the loop vectorises. */
         while (len - i >= 8) {
-            uint64_t wi = (base_offset + i) >> 3;
-            const uint64_t *t = table + wi % PATTERN_PAGE_WORDS;
-            uint64_t salt = pattern_salt(wi / PATTERN_PAGE_WORDS);
-            size_t n = page_run(wi, (len - i) / 8);
-            uint8_t *q = p + i;
-            for (size_t k = 0; k < n; k++) {
-                uint64_t w = t[k] ^ salt;
-                memcpy(q + 8 * k, &w, 8);
+            struct pattern_run r = pattern_run_at(table, (base_offset + i) >> 3, (len - i) / 8);
+            for (size_t k = 0; k < r.words; k++) {
+                uint64_t w = r.table[k] ^ r.salt;
+                memcpy(p + i + 8 * k, &w, 8);
             }
-            i += 8 * n;
+            i += 8 * r.words;
         }
     }
     for (; i < len; i++)
@@ -164,19 +167,16 @@ int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_o
         pattern_table(seed, table);
         /* A pattern page at a time: or the xor of every word, then test. */
         while (len - i >= 8) {
-            uint64_t wi = (base_offset + i) >> 3;
-            const uint64_t *t = table + wi % PATTERN_PAGE_WORDS;
-            uint64_t salt = pattern_salt(wi / PATTERN_PAGE_WORDS), diff = 0;
-            size_t n = page_run(wi, (len - i) / 8);
-            const uint8_t *q = p + i;
-            for (size_t k = 0; k < n; k++) {
+            struct pattern_run r = pattern_run_at(table, (base_offset + i) >> 3, (len - i) / 8);
+            uint64_t diff = 0;
+            for (size_t k = 0; k < r.words; k++) {
                 uint64_t w;
-                memcpy(&w, q + 8 * k, 8);
-                diff |= w ^ t[k] ^ salt;
+                memcpy(&w, p + i + 8 * k, 8);
+                diff |= w ^ r.table[k] ^ r.salt;
             }
             if (diff)
                 return 0;
-            i += 8 * n;
+            i += 8 * r.words;
         }
     }
     for (; i < len; i++)

@@ -126,25 +126,32 @@ public final class Region {
 /// what it relies on (the child status block and the report header) first.
 final class SharedBuffer {
     let region: Region
-    static let poolLimit = 4 << 20
-    static let pool = Locked<[Int: [Region]]>([:])
+    static let pool = SizePool<Region>()
 
     init(size: Int) throws {
         let n = max(size, 1)
-        if n <= Self.poolLimit, let kept = Self.pool.with({ $0[n]?.popLast() }) {
-            region = kept
-        } else {
-            region = try Region.anonymous(size: n, shared: true, origin: "shared report buffer")
-        }
+        region = try Self.pool.take(size: n) ?? Region.anonymous(size: n, shared: true, origin: "shared report buffer")
     }
 
     deinit {
-        let r = region
-        guard r.isMapped, r.size <= Self.poolLimit else { return }
-        Self.pool.with { p in
-            if p[r.size, default: []].count < 2 { p[r.size, default: []].append(r) }
-        }
+        if region.isMapped { Self.pool.give(region, size: region.size) }
     }
     var base: UnsafeMutableRawPointer { region.base }
     var size: Int { region.size }
+}
+
+/// Memory kept for the next user of the same size (up to 4 MiB, two of each
+/// size): its pages stay allocated, so reuse costs no faults and no clearing.
+final class SizePool<Item>: @unchecked Sendable {
+    static var limit: Int { 4 << 20 }
+    private let kept = Locked<[Int: [Item]]>([:])
+
+    func take(size: Int) -> Item? { kept.with { $0[size]?.popLast() } }
+
+    func give(_ item: Item, size: Int) {
+        guard size <= Self.limit else { return }
+        kept.with { k in
+            if k[size, default: []].count < 2 { k[size, default: []].append(item) }
+        }
+    }
 }

@@ -139,8 +139,7 @@ final class MemfdView {
     let fd: Int32
     let base: UnsafeMutableRawPointer
     let size: Int
-    static let poolLimit = 4 << 20
-    static let pool = Locked<[Int: [MemfdView]]>([:])
+    static let pool = SizePool<MemfdView>()
 
     private init(size: Int) throws {
         let fd = try check("memfd_create", cp_memfd_create("cowpin-pin-view", 0))
@@ -167,14 +166,8 @@ final class MemfdView {
     var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }
 
     static func take(size: Int) throws -> MemfdView {
-        if let kept = pool.with({ $0[size]?.popLast() }) { return kept }
-        return try MemfdView(size: size)
+        try pool.take(size: size) ?? MemfdView(size: size)
     }
 
-    static func give(_ view: MemfdView) {
-        guard view.size <= poolLimit else { return }
-        pool.with { p in
-            if p[view.size, default: []].count < 2 { p[view.size, default: []].append(view) }
-        }
-    }
+    static func give(_ view: MemfdView) { pool.give(view, size: view.size) }
 }

@@ -88,7 +88,14 @@ struct Run: ParsableCommand {
     @Flag(name: .customLong("in-process"), help: "Run the cases in this process instead of a worker process (for debugging: a crash then ends the run).")
     var inProcess = false
 
+    @Option(help: ArgumentHelp("Run up to N cases side by side, each in a worker process of its own (default: the number of CPUs, at most 4). Cases that need different knob values, and those that change what others see (hugetlb pool, ksmd), never overlap. --jobs 1 runs the cases one at a time, in the selection's order.", valueName: "N"))
+    var jobs: Int?
+
+    /// One worker per CPU, at most 4.
+    static var defaultJobs: Int { min(4, max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))) }
+
     func validate() throws {
+        if let jobs, !(1...64).contains(jobs) { throw ValidationError("--jobs must be between 1 and 64, got \(jobs)") }
         guard repeatCount >= 1 && repeatCount <= 100_000 else { throw ValidationError("--repeat must be between 1 and 100000, got \(repeatCount)") }
         guard timeout > 0 && timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600] seconds, got \(timeout)") }
         guard format != .text else { throw ValidationError("run supports --format ktap or json") }
@@ -119,11 +126,9 @@ struct Run: ParsableCommand {
             totals = Runner(options: options).run(cases, reporter: reporter)
         } else {
             // A worker process runs the cases: when the kernel kills it, only its case is lost.
-            let selected = [WorkerSelection.ranges(cases), WorkerSelection.digest(cases)]
-            let supervisor = Supervisor(cases: cases, options: options) { [repeatCount, timeout] from in
-                ["/proc/self/exe", "worker", "--cases", selected[0], "--digest", selected[1], "--from", String(from),
-                 "--repeat", String(repeatCount), "--timeout", String(timeout)]
-            }
+            let worker = ["/proc/self/exe", "worker", "--cases", WorkerSelection.ranges(cases), "--digest", WorkerSelection.digest(cases),
+                          "--repeat", String(repeatCount), "--timeout", String(timeout)]
+            let supervisor = Supervisor(cases: cases, options: options, jobs: jobs ?? Self.defaultJobs, command: worker)
             totals = supervisor.run(reporter: reporter)
         }
         if timing {
@@ -138,16 +143,14 @@ struct Run: ParsableCommand {
     }
 }
 
-/// `cowpin run`'s worker: runs the case runs after `--from` and reports each
-/// start and result on fd 3 (see `Supervisor`). Not for direct use.
+/// `cowpin run`'s worker: runs the case runs its supervisor names on stdin and
+/// reports each result on fd 3 (see `Supervisor`). Not for direct use.
 struct Worker: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "worker", abstract: "Run cases for `cowpin run` (internal).", shouldDisplay: false)
 
     @Option(help: "Index ranges into the catalog (\"0-20,25\").") var cases: String
 
     @Option(help: "The digest of the selected case ids.") var digest: String
-
-    @Option var from = 0
 
     @Option(name: .customLong("repeat")) var repeatCount = 1
 
@@ -157,7 +160,8 @@ struct Worker: ParsableCommand {
         guard fcntl(WorkerChannel.fd, F_GETFD) >= 0 else { throw ValidationError("the worker is started by `cowpin run`") }
         _ = writeFile("/proc/self/comm", "cowpin-worker")  // its name in ps and the kernel log (exec of /proc/self/exe: "exe")
         Emergency.installSignalHandling()
-        WorkerChannel.exitWithSupervisor()
+        // A supervisor that is gone makes a message fail (EPIPE): the worker then cleans up as on SIGTERM.
+        signal(SIGPIPE, SIG_IGN)
         guard let selected = WorkerSelection.cases(cases), WorkerSelection.digest(selected) == digest else {
             throw ValidationError("--cases \(cases) does not name the cases of digest \(digest) in this binary's catalog")
         }
@@ -167,7 +171,7 @@ struct Worker: ParsableCommand {
         if let fault {
             options.beforeScenario = { c in if c.id == fault.caseID { fault.trigger() } }
         }
-        Runner(options: options).run(selected, reporter: WorkerChannel(), from: from)
+        try Runner(options: options).serve(selected, reporter: WorkerChannel(), commands: 0)
     }
 }
 

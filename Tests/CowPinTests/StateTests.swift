@@ -41,8 +41,9 @@ struct StateTests {
     func recoveredAfterKill() throws {
         guard let before = Self.knobValueIfRoot() else { return }
         let target = Self.other(than: before)
-        // A process whose journal records a knob change is SIGKILLed while the
-        // change is in place; the journal is written for it, as cowpin writes its own.
+        // A process is SIGKILLed; then, under the lock (no other run recovers
+        // it first), its journal is written as if it had recorded a knob
+        // change, and the change is made, as cowpin does for its own.
         let hold = try OSPipe()
         final class PID: @unchecked Sendable { var value: Int32 = 0 }
         let deadPID = PID()
@@ -53,20 +54,21 @@ struct StateTests {
             }
             try child.awaitCheckpoint()
             deadPID.value = child.pid
-            // Journal and change on behalf of the child, as its own journal.
-            mkdir(SystemState.directory, 0o700)
-            try "knob\t\(Self.knob)\t\(before)\n".write(toFile: SystemState.directory + "/journal-\(child.pid)", atomically: false, encoding: .utf8)
-            try target.write(toFile: Self.knob, atomically: false, encoding: .utf8)
             kill(child.pid, SIGKILL)
             #expect(throws: HarnessError.self) { try child.finish() }
         }
         _ = Runner().run(Case(scenario: s, backing: .anonPage))
         let dead = deadPID.value
-        #expect(Self.shown(Self.knob) == target)
-        let restored = SystemState.recoverStale()
-        #expect(restored.contains { $0.contains(Self.knob) && $0.contains("pid \(dead)") })
-        #expect(Self.shown(Self.knob) == before)
-        #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(dead)"))
+        try Runner.exclusively { try SystemState.shared.withLock {
+            mkdir(SystemState.directory, 0o700)
+            try "knob\t\(Self.knob)\t\(before)\n".write(toFile: SystemState.directory + "/journal-\(dead)", atomically: false, encoding: .utf8)
+            try target.write(toFile: Self.knob, atomically: false, encoding: .utf8)
+            #expect(Self.shown(Self.knob) == target)
+            let restored = SystemState.recoverStale()
+            #expect(restored.contains { $0.contains(Self.knob) && $0.contains("pid \(dead)") })
+            #expect(Self.shown(Self.knob) == before)
+            #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(dead)"))
+        } }
     }
 
     @Test("SIGTERM mid-run: children reaped, FUSE unmounted, state restored, exit 143")

@@ -14,15 +14,11 @@ struct SupervisorTests {
     static var selection: [String] { ids.flatMap { ["--filter", $0] } }
 
     /// The knob's value, read under cowpin's cross-process lock: no case of
-    /// another run (tests run in parallel) has it changed meanwhile.
+    /// another run (tests run in parallel) has it changed meanwhile, and
+    /// what a dead one left is restored first. No case of this process
+    /// runs meanwhile either (the lock is per process).
     static func knobValue() -> String? {
-        mkdir(SystemState.directory, 0o700)
-        let fd = open(SystemState.directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        flock(fd, LOCK_EX)
-        defer { flock(fd, LOCK_UN) }
-        return StateTests.shown(knob)
+        Runner.exclusively { try? SystemState.shared.withLock { StateTests.shown(knob) } }
     }
 
     /// Root and the 64 KiB mTHP knob: the middle case then changes the knob, and crashes.
@@ -52,7 +48,8 @@ struct SupervisorTests {
           arguments: [("sigbus", "SIGBUS (signal 7)"), ("sigsegv", "SIGSEGV (signal 11)"), ("sigkill", "SIGKILL (signal 9)")])
     func crashInMiddleCase(_ fault: String, _ signal: String) throws {
         guard let before = Self.knobIfRoot() else { return }
-        let o = try Self.run(injecting: "\(Self.ids[1]):\(fault)", ["run"] + Self.selection)
+        // One job: the worker sets the knob itself, so its journal must bring it back.
+        let o = try Self.run(injecting: "\(Self.ids[1]):\(fault)", ["run", "--jobs", "1"] + Self.selection)
         let (results, totals) = CLITests.checkKTAP(o.stdout)
         try #require(results.count == 3, "stdout: \(o.stdout)\nstderr: \(o.stderr)")
         #expect(results[0].hasPrefix("ok 1 \(Self.ids[0])"))
@@ -95,7 +92,7 @@ struct SupervisorTests {
     @Test("workers that die 3 times in a row end the run: the rest is reported as error")
     func boundedRespawns() throws {
         guard Self.knobIfRoot() != nil else { return }
-        let o = try Self.run(injecting: "\(Self.ids[1]):sigkill", ["run", "--filter", Self.ids[1], "--repeat", "5"])
+        let o = try Self.run(injecting: "\(Self.ids[1]):sigkill", ["run", "--jobs", "1", "--filter", Self.ids[1], "--repeat", "5"])
         let (results, totals) = CLITests.checkKTAP(o.stdout)
         try #require(results.count == 5, "stdout: \(o.stdout)")
         for (i, r) in results.prefix(3).enumerated() {
@@ -145,7 +142,7 @@ struct SupervisorTests {
         }
         let knobBefore = Self.knobValue()
         var pid: pid_t = 0
-        let args: [String] = [CLITests.binary.path, "run", "--filter", "odirect*", "--filter", "*mthp-64k", "--repeat", "100"]
+        let args: [String] = [CLITests.binary.path, "run", "--jobs", "2", "--filter", "odirect*", "--filter", "*mthp-64k", "--repeat", "100"]
         let argv = args.map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         let errPath = "/tmp/cowpin-supervisor-test-\(getpid()).err"
@@ -164,7 +161,8 @@ struct SupervisorTests {
         #expect(st & 0x7f == 0 && (st >> 8) & 0xff == 143)
         let err = (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""
         #expect(err.contains("cowpin: interrupted by SIGTERM"), "stderr: \(err)")
-        #expect(workers.count == 1, "the run's worker: \(workers)")
+        // Its first cases (anon-page) run side by side: both workers are there.
+        #expect(workers.count == 2, "the run's workers: \(workers)")
         for w in workers {
             #expect(kill(w, 0) != 0, "worker \(w) is gone")
             #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(w)"))
@@ -173,6 +171,92 @@ struct SupervisorTests {
         }
         // The mTHP knob the cases set is back (read under the lock: runs in parallel set it too).
         #expect(Self.knobValue() == knobBefore)
+    }
+}
+
+/// `--jobs N`: cases that need the same knobs run side by side, each in a
+/// worker of its own; the results, the verdicts and the knobs afterwards are
+/// those of a run with one job.
+@Suite(.serialized)
+struct ParallelTests {
+    static func ids(_ o: CLITests.Output) -> [String] {
+        CLITests.checkKTAP(o.stdout).results
+    }
+
+    @Test("phases: one job runs everything in order; several group the cases by the knobs they need, and the alone ones apart")
+    func phases() throws {
+        let ids = ["cow/fork-parent-writes/anon-page", "cow/fork-parent-writes/mthp-64k", "cow/fork-parent-writes/hugetlb-2048k",
+                   "cow/fork-parent-writes/thp-pmd", "cow/fork-parent-writes/mthp-64k-swapped", "cow/fork-parent-writes/mthp-16k",
+                   "cow/fork-parent-writes/ksm-page"]
+        let cases = try ids.map { try #require(Catalog.find($0), "\($0)") }
+        let knob = { (kb: Int) in ["/sys/kernel/mm/transparent_hugepage/hugepages-\(kb)kB/enabled": "madvise"] }
+        let one = Supervisor(cases: cases, options: RunOptions(repeatCount: 2), jobs: 1, command: [])
+        #expect(one.phases() == [Supervisor.Phase(knobs: nil, numbers: Array(1...14))])
+        let two = Supervisor(cases: cases, options: RunOptions(repeatCount: 2), jobs: 2, command: [])
+        #expect(two.phases() == [
+            Supervisor.Phase(knobs: [:], numbers: [1, 4, 8, 11]),
+            Supervisor.Phase(knobs: knob(64), numbers: [2, 5, 9, 12]),
+            Supervisor.Phase(knobs: nil, numbers: [3, 7, 10, 14]),
+            Supervisor.Phase(knobs: knob(16), numbers: [6, 13]),
+        ])
+        #expect(cases[4].needs.swap && !cases[1].needs.swap)
+    }
+
+    @Test("--jobs 2 gives the verdicts, order and output of --jobs 1, and leaves the knobs as they were")
+    func sameAsOneJob() throws {
+        let before = SupervisorTests.knobValue()
+        let selection = ["--filter", "cow/fork-parent-writes/*", "--filter", "iouring-fixed/pin-shared-parent-writes/*"]
+        let one = try CLITests.run(["run", "--jobs", "1"] + selection)
+        let two = try CLITests.run(["run", "--jobs", "2"] + selection)
+        #expect(one.status == two.status && [0, 4].contains(two.status), "\(two.stderr)")
+        #expect(Self.ids(one) == Self.ids(two))
+        #expect(Self.ids(two).count > 60)
+        #expect(!two.stdout.contains("# ERROR"), "\(two.stdout)")
+        #expect(SupervisorTests.knobValue() == before)
+    }
+
+    @Test("a worker killed in a case that runs beside another: that case is an error, the other worker goes on, the knob comes back")
+    func crashBeside() throws {
+        guard let before = SupervisorTests.knobIfRoot() else { return }
+        let victim = "cow/fork-child-writes/mthp-64k"
+        let selection = ["--filter", "cow/fork-parent-writes/mthp-64k", "--filter", victim, "--filter", "cow/fork-parent-writes-mprotect/mthp-64k",
+                         "--filter", "cow/fork-parent-writes/anon-page"]
+        let o = try SupervisorTests.run(injecting: "\(victim):sigsegv", ["run", "--jobs", "2"] + selection)
+        let (results, totals) = CLITests.checkKTAP(o.stdout)
+        try #require(results.count == 4, "stdout: \(o.stdout)\nstderr: \(o.stderr)")
+        let errors = results.filter { $0.contains(" # ERROR ") }
+        #expect(errors.count == 1 && errors.first?.contains(" \(victim) # ERROR the cowpin worker was killed by SIGSEGV (signal 11) during this case") == true,
+                "\(results)")
+        #expect(totals?.hasSuffix(" error:1") == true)
+        #expect(o.status == 2)
+        #expect(SupervisorTests.knobValue() == before)
+    }
+
+    @Test("a case that would change a knob while others run beside it is a harness error, and changes nothing")
+    func besideGuard() throws {
+        guard SupervisorTests.knobIfRoot() != nil else { return }
+        // Held as a supervisor holds it: no other run changes the knob
+        // meanwhile, and no case of this process runs beside the test.
+        try Runner.exclusively { try SystemState.shared.withLock {
+            let before = try #require(StateTests.shown(SupervisorTests.knob))
+            let other = before == "never" ? "madvise" : "never"
+            SystemState.shared.besideOthers = true
+            defer { SystemState.shared.besideOthers = false }
+            #expect(throws: HarnessError.self) { try SystemState.shared.set(SupervisorTests.knob, other) }
+            #expect(throws: HarnessError.self) { try SystemState.shared.lockForCase() }
+            // The value it already has is no change: fine.
+            try SystemState.shared.set(SupervisorTests.knob, before)
+            #expect(StateTests.shown(SupervisorTests.knob) == before)
+        } }
+    }
+
+    @Test("--jobs outside 1...64 is a usage error")
+    func badJobs() throws {
+        for bad in ["0", "65", "x"] {
+            let o = try CLITests.cowpin("run", "--jobs", bad, "--filter", SupervisorTests.ids[0])
+            #expect(o.status == 2, "\(bad): \(o.stderr)")
+            #expect(o.stderr.contains("--jobs"), "\(o.stderr)")
+        }
     }
 }
 

@@ -54,12 +54,12 @@ public enum LongTermPinCases {
         let scope = coverage(pin)
         let anon = scope.anon, matrix = scope.matrix
         func scenario(_ event: String, _ summary: String, _ steps: [String], tags: [String],
-                      backings: [Backing]? = nil,
+                      backings: [Backing]? = nil, needs: SharedNeeds = .none,
                       _ body: @escaping @Sendable (CaseContext, Region) throws -> Void) -> Scenario {
             Scenario(
                 id: "\(pin.id)/\(event)", summary: "\(pin.summary): \(summary)", steps: steps,
                 tags: [pin.id, "longterm-pin", pin.readOnly ? "ro-pin" : "rw-pin"] + tags, backings: backings ?? anon,
-                requires: { pin.unavailable($0) },
+                needs: needs, requires: { pin.unavailable($0) },
                 body: { ctx in try body(ctx, ctx.region) })
         }
         var list = [
@@ -156,7 +156,7 @@ public enum LongTermPinCases {
         list.append(scenario("pageout-write", "pin, MADV_PAGEOUT (reclaim), then write",
                              ["pin the region", "madvise(MADV_PAGEOUT): reclaim must not take the pinned pages from the process",
                               "the parent writes 0xff", "read through the pin: must show the write"],
-                             tags: ["swap", "reclaim"], backings: unswapped.filter { !$0.tags.contains("hugetlb") }) { ctx, region in
+                             tags: ["swap", "reclaim"], backings: unswapped.filter { !$0.tags.contains("hugetlb") }, needs: .swap) { ctx, region in
             try SystemState.shared.ensureSwap()
             let p = try pinned(pin, ctx)
             try region.madvise(Int32(CP_MADV_PAGEOUT), name: "MADV_PAGEOUT")
@@ -187,7 +187,7 @@ public enum LongTermPinCases {
                               "wait (bounded) until ksmd merged the two copies, then for two more full scans",
                               "the pinned pages must not have been merged (KSM skips pinned pages)",
                               "the parent writes 0xff", "read through the pin: must show the write"],
-                             tags: ["ksm"], backings: Backing.standard) { ctx, region in
+                             tags: ["ksm"], backings: Backing.standard, needs: .alone) { ctx, region in
             try KSM.start(ctx)
             let p = try pinned(pin, ctx)
             let twins = try KSM.twins(of: region)

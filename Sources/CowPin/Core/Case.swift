@@ -10,12 +10,14 @@ public struct Scenario: Sendable {
     public let backings: [Backing]
     /// Set when upstream documents the decoherence as unfixed.
     public let knownIssue: KnownIssue?
+    /// What the scenario itself needs of state all processes share.
+    public let needs: SharedNeeds
     /// Reasons the case cannot run here (nil: it can).
     let requirement: @Sendable (Probe) -> String?
     let body: @Sendable (CaseContext) throws -> Void
 
     public init(id: String, summary: String, steps: [String], tags: [String] = [],
-                backings: [Backing] = Backing.standard, knownIssue: KnownIssue? = nil,
+                backings: [Backing] = Backing.standard, knownIssue: KnownIssue? = nil, needs: SharedNeeds = .none,
                 requires requirement: @escaping @Sendable (Probe) -> String? = { _ in nil },
                 body: @escaping @Sendable (CaseContext) throws -> Void) {
         self.id = id
@@ -24,6 +26,7 @@ public struct Scenario: Sendable {
         self.tags = tags
         self.backings = backings
         self.knownIssue = knownIssue
+        self.needs = needs
         self.requirement = requirement
         self.body = body
     }
@@ -56,11 +59,41 @@ public struct Case: Sendable, Identifiable {
     public var id: String { "\(scenario.id)/\(backing.id)" }
     public var tags: [String] { scenario.tags + backing.tags }
     public var summary: String { "\(scenario.summary), on \(backing.summary)" }
+    public var needs: SharedNeeds { scenario.needs.merged(backing.needs) }
 
     /// A seed for the case's original content, stable across runs and unique to the id.
     public var seed: UInt32 {
         var h: UInt32 = 2_166_136_261
         for b in id.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
         return h
+    }
+}
+
+/// What a case needs of the state every process on the machine shares. It
+/// decides which cases `cowpin run --jobs N` runs side by side: cases that
+/// run under the same knob values, none of them changing what the others see.
+public struct SharedNeeds: Hashable, Sendable {
+    /// sysfs values the case runs under (path: value), set for it (journaled,
+    /// restored): by the case itself, or for a group of cases by the supervisor.
+    public var knobs: [String: String] = [:]
+    /// The case changes state other cases would see while it runs (the
+    /// hugetlb pool, ksmd): no case runs beside it, and it sets that state itself.
+    public var alone = false
+    /// The case swaps pages out: a swap device must be active (set up once per run).
+    public var swap = false
+
+    public init(knobs: [String: String] = [:], alone: Bool = false, swap: Bool = false) {
+        self.knobs = knobs
+        self.alone = alone
+        self.swap = swap
+    }
+
+    public static let none = SharedNeeds()
+    public static let alone = SharedNeeds(alone: true)
+    public static let swap = SharedNeeds(swap: true)
+
+    /// Both needs at once.
+    public func merged(_ other: SharedNeeds) -> SharedNeeds {
+        SharedNeeds(knobs: knobs.merging(other.knobs) { a, _ in a }, alone: alone || other.alone, swap: swap || other.swap)
     }
 }

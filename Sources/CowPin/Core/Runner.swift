@@ -159,28 +159,60 @@ public final class Runner {
     }
 
     /// Runs the cases (`repeatCount` times), streaming to the reporter.
-    /// `from` skips the first case runs of that sequence (a worker that
-    /// takes over from one that died); numbers stay those of the whole run.
     @discardableResult
-    public func run(_ cases: [Case], reporter: Reporter, from: Int = 0) -> Totals {
+    public func run(_ cases: [Case], reporter: Reporter) -> Totals {
         var totals = Totals()
         reporter.begin(planned: cases.count * options.repeatCount, probe: probe)
         var number = 0
         for iteration in 1...max(1, options.repeatCount) {
             for c in cases {
                 number += 1
-                if number <= from { continue }
-                reporter.started(c, iteration: iteration, number: number)
                 let r = run(c, iteration: iteration)
                 totals.add(r.verdict.kind)
                 reporter.finished(r, number: number)
             }
         }
-        // Run-scoped state (a swap device, the FUSE mount) goes once the cases are done.
-        FuseServer.shutdownShared()
-        SystemState.shared.restore()
+        end()
         reporter.end(totals)
         return totals
+    }
+
+    /// A worker's loop (see `Supervisor`): runs the case runs its supervisor
+    /// names on `fd`, a line each ("<number> beside" or "<number> alone";
+    /// numbers of the sequence that is the cases `repeatCount` times), until
+    /// the end of file.
+    public func serve(_ cases: [Case], reporter: Reporter, commands fd: Int32) throws {
+        reporter.begin(planned: cases.count * options.repeatCount, probe: probe)
+        var pending: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 256)
+        while true {
+            guard let nl = pending.firstIndex(of: 10) else {
+                let n = read(fd, &chunk, chunk.count)
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { break }
+                pending += chunk[0..<n]
+                continue
+            }
+            let line = String(decoding: pending[..<nl], as: UTF8.self)
+            pending.removeFirst(nl + 1)
+            let f = line.split(separator: " ")
+            guard f.count == 2, let number = Int(f[0]), number >= 1, number <= cases.count * options.repeatCount,
+                  f[1] == "beside" || f[1] == "alone" else {
+                throw HarnessError("the worker got '\(line)' from its supervisor: not '<case run> beside|alone'")
+            }
+            SystemState.shared.besideOthers = f[1] == "beside"
+            let (c, iteration) = (cases[(number - 1) % cases.count], (number - 1) / cases.count + 1)
+            reporter.started(c, iteration: iteration, number: number)
+            reporter.finished(run(c, iteration: iteration), number: number)
+        }
+        end()
+    }
+
+    /// Run-scoped state (a swap device, the FUSE mount) goes once the cases are done.
+    private func end() {
+        FuseServer.shutdownShared()
+        SystemState.shared.besideOthers = false
+        SystemState.shared.restore()
     }
 }
 

@@ -7,12 +7,16 @@ public struct Backing: Sendable {
     public let id: String
     public let summary: String
     public let tags: [String]
+    /// What making it needs of state all processes share.
+    public let needs: SharedNeeds
     let make: @Sendable (CaseContext) throws -> Region
 
-    public init(id: String, summary: String, tags: [String], make: @escaping @Sendable (CaseContext) throws -> Region) {
+    public init(id: String, summary: String, tags: [String], needs: SharedNeeds = .none,
+                make: @escaping @Sendable (CaseContext) throws -> Region) {
         self.id = id
         self.summary = summary
         self.tags = tags
+        self.needs = needs
         self.make = make
     }
 
@@ -33,7 +37,8 @@ public struct Backing: Sendable {
     /// (a swap device is made when none is active; journaled, removed after).
     public func swappedOut() -> Backing {
         let base = self
-        return Backing(id: id + "-swapped", summary: summary + ", swapped out (MADV_PAGEOUT)", tags: tags + ["swap"]) { ctx in
+        return Backing(id: id + "-swapped", summary: summary + ", swapped out (MADV_PAGEOUT)", tags: tags + ["swap"],
+                       needs: needs.merged(.swap)) { ctx in
             try SystemState.shared.ensureSwap()
             let r = try base.make(ctx)
             try r.madvise(Int32(CP_MADV_PAGEOUT), name: "MADV_PAGEOUT")
@@ -57,7 +62,7 @@ public struct Backing: Sendable {
         // A gigantic page takes about a second per case to fill and compare:
         // "slow" keeps it out of the default selection.
         Backing(id: "hugetlb-\(kb)k", summary: "an anonymous hugetlb page of \(kb) KiB",
-                tags: ["hugetlb"] + (kb >= 1 << 20 ? [Selection.slowTag] : [])) { ctx in
+                tags: ["hugetlb"] + (kb >= 1 << 20 ? [Selection.slowTag] : []), needs: .alone) { ctx in
             try reserveHugePages(kb: kb, count: hugetlbPagesPerCase(kb), ctx: ctx)
             let r = try Region.hugetlb(size: kb * 1024)
             r.fill(ctx.original)
@@ -96,13 +101,14 @@ public struct Backing: Sendable {
     /// for the case (journaled, restored), the area is aligned to it and
     /// MADV_HUGEPAGE; verified in /proc/kpageflags as one large folio.
     public static func mthp(_ kb: Int) -> Backing {
-        Backing(id: "mthp-\(kb)k", summary: "an anonymous \(kb) KiB mTHP", tags: ["anon", "thp", "mthp"]) { ctx in
-            let knob = "/sys/kernel/mm/transparent_hugepage/hugepages-\(kb)kB/enabled"
+        let knob = "/sys/kernel/mm/transparent_hugepage/hugepages-\(kb)kB/enabled"
+        let needs = SharedNeeds(knobs: [knob: "madvise"])
+        return Backing(id: "mthp-\(kb)k", summary: "an anonymous \(kb) KiB mTHP", tags: ["anon", "thp", "mthp"], needs: needs) { ctx in
             guard ctx.probe.thp.sizes.contains(where: { $0.sizeKB == kb }) else {
                 throw CaseSkip("no \(kb) KiB mTHP on this kernel (no \(knob); multi-size THP needs 6.8 or later)")
             }
             if ctx.probe.thp.enabled == "never" { throw CaseSkip("THP disabled (transparent_hugepage/enabled=never)") }
-            try SystemState.shared.set(knob, "madvise")
+            try SystemState.shared.set(needs.knobs)
             let size = kb * 1024
             let r = try Region.anonymousAligned(size: size, alignment: size, origin: "anonymous, \(kb) KiB mTHP")
             try r.madvise(Int32(CP_MADV_HUGEPAGE), name: "MADV_HUGEPAGE")

@@ -31,6 +31,12 @@ public enum FileKind: Sendable, Equatable {
         }
     }
 
+    /// A hugetlbfs file grows the hugetlb pool for its case.
+    var needs: SharedNeeds {
+        if case .memfdHugetlb = self { return .alone }
+        return .none
+    }
+
     var tags: [String] {
         switch self {
         case .memfd: return ["file", "memfd"]
@@ -235,7 +241,7 @@ extension Backing {
             summary = "\(kind.summary) mapped MAP_PRIVATE and written (an anonymous copy)"
             tags = kind.tags + ["private"]
         }
-        return Backing(id: id, summary: summary, tags: tags) { ctx in
+        return Backing(id: id, summary: summary, tags: tags, needs: kind.needs) { ctx in
             let f = try CaseFile.create(kind, ctx: ctx)
             let r = try f.map(shared: access == .sharedWrite, prot: Int32(CP_PROT_READ_WRITE),
                               what: access == .sharedWrite ? "MAP_SHARED" : "MAP_PRIVATE")
@@ -280,7 +286,7 @@ extension Backing {
     static func pagecacheBackings(for pin: PinMethod) -> [Backing] {
         guard pin is IoUringFixedPin else { return [memfdPrivate] }
         return privateFiles.map { b in
-            Backing(id: b.id, summary: b.summary, tags: b.tags) { ctx in
+            Backing(id: b.id, summary: b.summary, tags: b.tags, needs: b.needs) { ctx in
                 let r = try b.make(ctx)
                 let fs = try FileSystem.of(r.file!)
                 let intent = FilePinningCases.intent(release: ctx.probe.kernel.release, fileSystem: fs, shared: false)

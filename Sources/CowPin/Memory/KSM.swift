@@ -84,7 +84,7 @@ extension Backing {
     /// An anonymous base page merged by KSM with identical pages elsewhere:
     /// a write-protected page shared across mappings, never anon-exclusive.
     public static let ksmPage = Backing(
-        id: "ksm-page", summary: "an anonymous base page merged by KSM (MADV_MERGEABLE)", tags: ["anon", "ksm"]
+        id: "ksm-page", summary: "an anonymous base page merged by KSM (MADV_MERGEABLE)", tags: ["anon", "ksm"], needs: .alone
     ) { ctx in
         try KSM.start(ctx)
         let r = try basePage("anonymous, KSM-merged")

@@ -29,7 +29,8 @@ extension Backing {
     public static func shaped(_ base: Backing, _ shape: THPShape) -> Backing {
         let prefix = base.id == thpPMD.id ? "thp" : base.id
         let summary = shape == .partialShared ? "\(base.summary) \(shape.summary)" : "\(shape.summary) \(base.summary)"
-        return Backing(id: "\(prefix)-\(shape.rawValue)", summary: summary, tags: base.tags + ["thp-shape", shape.rawValue]) { ctx in
+        return Backing(id: "\(prefix)-\(shape.rawValue)", summary: summary, tags: base.tags + ["thp-shape", shape.rawValue],
+                       needs: base.needs) { ctx in
             let r = try base.make(ctx)
             let page = r.pageSize
             switch shape {

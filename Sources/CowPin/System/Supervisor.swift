@@ -6,37 +6,51 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// Runs the cases in a worker process (the same binary, posix_spawn()ed), so
+/// Runs the cases in worker processes (the same binary, posix_spawn()ed), so
 /// that a kernel bug that kills the process running a case (SIGBUS on a lost
 /// page, SIGSEGV, the OOM killer's SIGKILL) costs that one case, not the run.
 ///
-/// The worker reports each case's start and result as JSON lines on its fd 3.
+/// A worker reads the numbers of the case runs it is to run on its stdin, one
+/// at a time, and reports its probe and each result as JSON lines on its fd 3.
 /// When it dies in the middle of a case, that case is an `error` naming the
 /// signal or exit status, what the worker left (its journal, FUSE mounts) is
-/// restored, and a new worker takes over at the next case. Workers that die
-/// `maxDeathsInARow` times without finishing a case end the run: the rest is
-/// reported as `error`.
+/// restored, and a new worker takes over. Workers that die `maxDeathsInARow`
+/// times without finishing a case end the run: the rest is reported as `error`.
+///
+/// With `jobs` > 1, up to that many workers run cases side by side, in
+/// phases: the cases that run under the same knob values (`SharedNeeds`)
+/// form a phase; the supervisor sets those knobs (journaled, under the
+/// cross-process lock) for the phase, and its cases may change nothing
+/// (`SystemState.besideOthers`). Cases that change what others see (the
+/// hugetlb pool, ksmd) run alone, one at a time, and set it themselves.
+/// Results are reported in the selection's order whatever the order they
+/// finish in. With one job, the cases run one at a time in the selection's
+/// order and set their own knobs.
 public final class Supervisor {
     public let cases: [Case]
     public let options: RunOptions
-    /// The worker's argv for a worker that starts after `from` case runs;
-    /// the first element is the executable.
-    let command: (Int) -> [String]
+    /// How many workers run cases side by side.
+    public let jobs: Int
+    /// A worker's argv; the first element is the executable.
+    let command: [String]
     public static let maxDeathsInARow = 3
+    /// How many case runs a worker is sent ahead of the one it runs.
+    static let ahead = 3
     /// How long an interrupted worker gets to clean up before SIGKILL.
     public static let graceMs: UInt64 = 10_000
 
     private struct Shared {
         var interrupted = false
-        var worker: pid_t = 0
-        /// The worker ran its own interrupt cleanup and reported it.
+        var workers: Set<pid_t> = []
+        /// A worker ran its own interrupt cleanup and reported it.
         var workerReported = false
     }
     private let shared = Locked(Shared())
 
-    public init(cases: [Case], options: RunOptions, command: @escaping (Int) -> [String]) {
+    public init(cases: [Case], options: RunOptions, jobs: Int = 1, command: [String]) {
         self.cases = cases
         self.options = options
+        self.jobs = max(1, jobs)
         self.command = command
     }
 
@@ -45,12 +59,71 @@ public final class Supervisor {
         (cases[(number - 1) % cases.count], (number - 1) / cases.count + 1)
     }
 
-    /// Runs every case run in workers, streaming results to the reporter
-    /// exactly as `Runner.run` does.
+    var planned: Int { cases.count * max(1, options.repeatCount) }
+
+    /// Case runs that run in one go, under the same conditions.
+    public struct Phase: Equatable {
+        /// nil: each case sets what it needs itself, one case at a time.
+        /// Otherwise the knobs the supervisor sets for the phase; its cases run side by side.
+        public var knobs: [String: String]?
+        public var numbers: [Int]
+
+        public init(knobs: [String: String]?, numbers: [Int]) {
+            self.knobs = knobs
+            self.numbers = numbers
+        }
+    }
+
+    /// The phases of the run: with one job, every case run in order, each
+    /// setting its own knobs. Otherwise the case runs grouped by the knobs
+    /// they need, and the cases that run alone, each group in the order of
+    /// its first case.
+    public func phases() -> [Phase] {
+        let all = Array(1...planned)
+        guard jobs > 1 else { return [Phase(knobs: nil, numbers: all)] }
+        var list: [Phase] = []
+        var index: [[String: String]?: Int] = [:]
+        for n in all {
+            let needs = caseRun(n).c.needs
+            let key: [String: String]? = needs.alone ? nil : needs.knobs
+            if let i = index[key] {
+                list[i].numbers.append(n)
+            } else {
+                index[key] = list.count
+                list.append(Phase(knobs: key, numbers: [n]))
+            }
+        }
+        return list
+    }
+
+    /// A running worker, as the supervisor sees it.
+    final class Slot {
+        let pid: pid_t
+        /// The write end of the worker's stdin (its commands); -1 once closed.
+        var commands: Int32
+        /// The read end of its fd 3 (its messages).
+        let messages: Int32
+        var pending: [UInt8] = []
+        /// The case runs sent to it and not finished, in the order it runs them.
+        var assigned: [Int] = []
+        /// The case run it said it started, and when.
+        var running: (number: Int, since: UInt64)?
+        var startedAny = false
+
+        init(pid: pid_t, commands: Int32, messages: Int32) {
+            self.pid = pid
+            self.commands = commands
+            self.messages = messages
+        }
+    }
+
+    /// Runs every case run in workers, streaming results to the reporter in
+    /// the order of the case runs, exactly as `Runner.run` does.
     @discardableResult
     public func run(reporter: Reporter) -> Totals {
         Emergency.onSignal { [self] sig in interrupted(by: sig) }
-        let planned = cases.count * max(1, options.repeatCount)
+        // A worker that dies between a command and its read must not end the run.
+        signal(SIGPIPE, SIG_IGN)
         var totals = Totals()
         var began = false
         func begin(_ probe: Probe?) {
@@ -58,57 +131,217 @@ public final class Supervisor {
             began = true
             reporter.begin(planned: planned, probe: probe ?? .current())
         }
+        var finished: [Int: CaseResult] = [:]
+        var nextToReport = 1
         func report(_ r: CaseResult, number: Int) {
-            begin(nil)
-            totals.add(r.verdict.kind)
-            reporter.finished(r, number: number)
-        }
-        var done = 0
-        var deathsInARow = 0
-        while done < planned {
-            var running: (number: Int, since: UInt64)?
-            var startedAny = false
-            let outcome = runWorker(from: done) { message in
-                if let p = message.probe { begin(p) }
-                if let n = message.started {
-                    running = (n, monotonicNs())
-                    startedAny = true
-                }
-                if let w = message.result {
-                    running = nil
-                    deathsInARow = 0
-                    done = w.number
-                    report(w.caseResult, number: w.number)
-                }
+            finished[number] = r
+            while let r = finished.removeValue(forKey: nextToReport) {
+                begin(nil)
+                totals.add(r.verdict.kind)
+                reporter.finished(r, number: nextToReport)
+                nextToReport += 1
             }
-            if outcome.finished && done == planned { break }
-            let death = outcome.description
-            let hint = outcome.hint
+        }
+        // Several workers share one swap device, set up here for the run.
+        if jobs > 1 && cases.contains(where: { $0.needs.swap }) { try? SystemState.shared.ensureSwap() }
+
+        var slots: [Slot] = []
+        var deathsInARow = 0
+        /// Set when workers died too often: why the remaining case runs are not run.
+        var givenUp: String?
+        let decoder = JSONDecoder()
+
+        /// The case runs of the phase not sent to a worker yet.
+        var queue: ArraySlice<Int> = []
+
+        func handle(_ m: WorkerMessage, from slot: Slot) {
+            if let p = m.probe { begin(p) }
+            if let n = m.started { slot.running = (n, monotonicNs()) }
+            if let w = m.result {
+                slot.running = nil
+                slot.assigned.removeAll { $0 == w.number }
+                slot.startedAny = true
+                deathsInARow = 0
+                report(w.caseResult, number: w.number)
+            }
+        }
+
+        /// Reaps a worker whose messages ended: reports its case as an error
+        /// when it was in one, restores what it left, and counts the death
+        /// unless it exited 0 after its commands ended (`ended`).
+        func reap(_ slot: Slot, ended: Bool) {
+            slots.removeAll { $0 === slot }
+            close(slot.messages)
+            if slot.commands >= 0 { close(slot.commands) }
+            let outcome = wait(for: slot.pid)
+            if ended && outcome.finished && slot.assigned.isEmpty { return }
+            let death = outcome.description, hint = outcome.hint
             let restored = Self.recover()
-            let during = running.map { " during \(caseRun($0.number).c.id)" }
-                ?? (done == planned ? " after the last case" : startedAny ? " between cases" : " before its first case")
-            var note = "cowpin: the worker\(outcome.pid > 0 ? " (pid \(outcome.pid))" : "") \(death)\(during)\(hint)"
+            let during = slot.running.map { " during \(caseRun($0.number).c.id)" }
+                ?? (ended ? " after the last case" : slot.startedAny ? " between cases" : " before its first case")
+            var note = "cowpin: the worker (pid \(slot.pid)) \(death)\(during)\(hint)"
             note += restored.isEmpty ? "" : "; restored what it left: \(restored.joined(separator: "; "))"
             fputs(note + "\n", stderr)
-            if let r = running {
+            if let r = slot.running {
                 let (c, iteration) = caseRun(r.number)
                 report(CaseResult(id: c.id, iteration: iteration, verdict: .error("the cowpin worker \(death) during this case\(hint)"),
                                   durationNs: monotonicNs() - r.since), number: r.number)
-                done = r.number
+                slot.assigned.removeAll { $0 == r.number }
             }
+            // What it was sent and had not started goes to the next worker.
+            queue = (slot.assigned + queue).sorted()[...]
+            if !ended { died("it \(death)\(during)") }
+        }
+
+        func died(_ what: String) {
             deathsInARow += 1
-            if deathsInARow >= Self.maxDeathsInARow && done < planned {
-                let reason = "not run: the cowpin worker died \(deathsInARow) times in a row without finishing a case (last: it \(death)\(during))"
-                for number in (done + 1)...planned {
-                    let (c, iteration) = caseRun(number)
-                    report(CaseResult(id: c.id, iteration: iteration, verdict: .error(reason)), number: number)
-                }
-                done = planned
+            if deathsInARow >= Self.maxDeathsInARow && givenUp == nil {
+                givenUp = "not run: the cowpin worker died \(deathsInARow) times in a row without finishing a case (last: \(what))"
             }
         }
+
+        /// Reads what the workers sent, waiting for the next message; reaps the ones that ended.
+        func receive(ended: Bool = false) {
+            var fds = slots.map { pollfd(fd: $0.messages, events: Int16(POLLIN), revents: 0) }
+            guard !fds.isEmpty else { return }
+            let r = poll(&fds, nfds_t(fds.count), -1)
+            if r < 0 { return }  // EINTR: look again
+            var chunk = [UInt8](repeating: 0, count: 1 << 16)
+            for (i, slot) in slots.enumerated().reversed() where fds[i].revents != 0 {
+                let n = read(slot.messages, &chunk, chunk.count)
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 {
+                    reap(slot, ended: ended)
+                    continue
+                }
+                slot.pending += chunk[0..<n]
+                var start = 0
+                while let nl = slot.pending[start...].firstIndex(of: 10) {
+                    if let m = WorkerMessage.decode(slot.pending[start..<nl], decoder) { handle(m, from: slot) }
+                    start = nl + 1
+                }
+                slot.pending.removeFirst(start)
+            }
+        }
+
+        for phase in phases() {
+            queue = phase.numbers[...]
+            // The supervisor sets the phase's knobs; if it cannot, its cases
+            // run one at a time and say why they cannot run themselves.
+            var beside = false
+            if let knobs = phase.knobs {
+                beside = (try? SystemState.shared.set(knobs)) != nil
+                if !beside { SystemState.shared.restore(caseOnly: true) }
+            }
+            let width = beside ? jobs : 1
+            while true {
+                if let why = givenUp {
+                    for n in queue {
+                        let (c, iteration) = caseRun(n)
+                        report(CaseResult(id: c.id, iteration: iteration, verdict: .error(why)), number: n)
+                    }
+                    queue = []
+                }
+                // Each worker is sent a few case runs ahead (its next one waits in
+                // its pipe, not for a round trip); at most `width` have any.
+                while let n = queue.first {
+                    let busy = slots.filter { !$0.assigned.isEmpty }
+                    var slot = busy.count < width ? slots.first { $0.assigned.isEmpty } : nil
+                    if slot == nil && busy.count < width && slots.count < jobs {
+                        guard let new = spawn() else {
+                            died("it could not be started: \(Errno.name(errno))")
+                            fputs("cowpin: a worker could not be started: \(Errno.name(errno))\n", stderr)
+                            break
+                        }
+                        slots.append(new)
+                        slot = new
+                    }
+                    guard let slot = slot ?? busy.filter({ $0.assigned.count < Self.ahead }).min(by: { $0.assigned.count < $1.assigned.count })
+                    else { break }
+                    let line = Array("\(n) \(beside ? "beside" : "alone")\n".utf8)
+                    let sent = line.withUnsafeBytes { write(slot.commands, $0.baseAddress, $0.count) } == line.count
+                    // A worker that cannot take it is dead: its end of file comes next.
+                    guard sent else { break }
+                    slot.assigned.append(n)
+                    queue.removeFirst()
+                }
+                if queue.isEmpty && !slots.contains(where: { !$0.assigned.isEmpty }) { break }
+                if slots.isEmpty { continue }  // a worker could not be started: try again, or give up
+                receive()
+            }
+            if beside { SystemState.shared.restore(caseOnly: true) }
+        }
+        // The workers clean up and exit when their commands end.
+        for slot in slots {
+            close(slot.commands)
+            slot.commands = -1
+        }
+        while !slots.isEmpty { receive(ended: true) }
+        SystemState.shared.restore()
         begin(nil)
         reporter.end(totals)
         return totals
+    }
+
+    /// Starts a worker; nil (errno set) when it cannot be started.
+    private func spawn() -> Slot? {
+        var msg: [Int32] = [-1, -1], cmd: [Int32] = [-1, -1]
+        var r = cp_pipe(&msg)
+        if r == 0 {
+            r = cp_pipe(&cmd)
+            if r != 0 { close(msg[0]); close(msg[1]) }
+        }
+        guard r == 0 else {
+            errno = -r
+            return nil
+        }
+        // The worker's ends, above the fds it is given (dup2 onto itself would keep O_CLOEXEC).
+        let msgOut = fcntl(msg[1], F_DUPFD_CLOEXEC, 10), cmdIn = fcntl(cmd[0], F_DUPFD_CLOEXEC, 10)
+        close(msg[1]); close(cmd[0])
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        posix_spawn_file_actions_adddup2(&actions, cmdIn, 0)
+        posix_spawn_file_actions_adddup2(&actions, msgOut, 3)
+        let cargv = command.map { strdup($0) } + [nil]
+        // Under the lock: an interrupt either sees this worker or stops the spawn.
+        var pid: pid_t = 0
+        let spawned = shared.with { s -> Int32 in
+            if s.interrupted { return EINTR }
+            let r = posix_spawn(&pid, command[0], &actions, nil, cargv, environ)
+            if r == 0 { s.workers.insert(pid) }
+            return r
+        }
+        cargv.forEach { free($0) }
+        posix_spawn_file_actions_destroy(&actions)
+        close(msgOut); close(cmdIn)
+        if spawned == EINTR && shared.with({ $0.interrupted }) { park() }
+        guard spawned == 0 else {
+            close(msg[0]); close(cmd[1])
+            errno = spawned
+            return nil
+        }
+        return Slot(pid: pid, commands: cmd[1], messages: msg[0])
+    }
+
+    /// Reaps a worker whose messages ended.
+    private func wait(for pid: pid_t) -> Outcome {
+        var status: Int32 = 0
+        var r: pid_t
+        repeat { r = waitpid(pid, &status, 0) } while r < 0 && errno == EINTR
+        let outcome = Outcome(waitStatus: status, pid: pid)
+        let interrupted = shared.with { s -> Bool in
+            s.workers.remove(pid)
+            // A worker that ran its own SIGINT/SIGTERM/SIGHUP cleanup was interrupted: so is the run.
+            if case .exited(let code) = outcome.how, [SIGINT, SIGTERM, SIGHUP].contains(code - 128) {
+                s.interrupted = true
+                s.workerReported = true
+                kill(getpid(), code - 128)
+            }
+            return s.interrupted
+        }
+        // The signal thread finishes the run (and exits); r < 0 means it reaped the worker.
+        if interrupted || r < 0 { park() }
+        return outcome
     }
 
     /// How a worker ended.
@@ -177,78 +410,6 @@ public final class Supervisor {
         return .some(found)
     }
 
-    /// Spawns a worker for the case runs after `from`, feeds its messages
-    /// to `handle` until it exits, and reaps it.
-    private func runWorker(from: Int, handle: (WorkerMessage) -> Void) -> Outcome {
-        var msg: [Int32] = [-1, -1], life: [Int32] = [-1, -1]
-        guard pipe(&msg) == 0 else { return Outcome(.notStarted(errno)) }
-        guard pipe(&life) == 0 else {
-            let e = errno
-            close(msg[0]); close(msg[1])
-            return Outcome(.notStarted(e))
-        }
-        // The supervisor's ends stay out of the worker (nothing else spawns meanwhile).
-        _ = fcntl(msg[0], F_SETFD, FD_CLOEXEC)
-        _ = fcntl(life[1], F_SETFD, FD_CLOEXEC)
-        defer { close(msg[0]); close(life[1]) }
-        // The worker's ends, above the fds it is given (dup2 onto itself would keep O_CLOEXEC).
-        let msgOut = fcntl(msg[1], F_DUPFD_CLOEXEC, 10), lifeIn = fcntl(life[0], F_DUPFD_CLOEXEC, 10)
-        close(msg[1]); close(life[0])
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        posix_spawn_file_actions_adddup2(&actions, lifeIn, 0)
-        posix_spawn_file_actions_adddup2(&actions, msgOut, 3)
-        let argv = command(from)
-        let cargv = argv.map { strdup($0) } + [nil]
-        // Under the lock: an interrupt either sees this worker or stops the spawn.
-        let spawned = shared.with { s -> Int32 in
-            if s.interrupted { return EINTR }
-            var pid: pid_t = 0
-            let r = posix_spawn(&pid, argv[0], &actions, nil, cargv, environ)
-            if r == 0 { s.worker = pid }
-            return r
-        }
-        cargv.forEach { free($0) }
-        posix_spawn_file_actions_destroy(&actions)
-        close(msgOut); close(lifeIn)
-        if spawned == EINTR && shared.with({ $0.interrupted }) { park() }
-        guard spawned == 0 else { return Outcome(.notStarted(spawned)) }
-        let pid = shared.with { $0.worker }
-
-        let decoder = JSONDecoder()
-        var pending = [UInt8]()
-        var chunk = [UInt8](repeating: 0, count: 1 << 16)
-        while true {
-            let n = read(msg[0], &chunk, chunk.count)
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            pending += chunk[0..<n]
-            var start = 0
-            while let nl = pending[start...].firstIndex(of: 10) {
-                if let m = WorkerMessage.decode(pending[start..<nl], decoder) { handle(m) }
-                start = nl + 1
-            }
-            pending.removeFirst(start)
-        }
-        var status: Int32 = 0
-        var r: pid_t
-        repeat { r = waitpid(pid, &status, 0) } while r < 0 && errno == EINTR
-        let outcome = Outcome(waitStatus: status, pid: pid)
-        let interrupted = shared.with { s -> Bool in
-            s.worker = 0
-            // A worker that ran its own SIGINT/SIGTERM/SIGHUP cleanup was interrupted: so is the run.
-            if case .exited(let code) = outcome.how, [SIGINT, SIGTERM, SIGHUP].contains(code - 128) {
-                s.interrupted = true
-                s.workerReported = true
-                kill(getpid(), code - 128)
-            }
-            return s.interrupted
-        }
-        // The signal thread finishes the run (and exits); r < 0 means it reaped the worker.
-        if interrupted || r < 0 { park() }
-        return outcome
-    }
-
     /// Blocks for good: the signal thread ends the process.
     private func park() -> Never {
         while true { pause() }
@@ -266,31 +427,29 @@ public final class Supervisor {
     /// the worker, waits (bounded) for its cleanup, then restores whatever
     /// it could not. The worker reports its own cleanup.
     private func interrupted(by sig: Int32) -> (done: [String], quiet: Bool) {
-        let (pid, reported) = shared.with { s -> (pid_t, Bool) in
+        let (pids, reported) = shared.with { s -> (Set<pid_t>, Bool) in
             s.interrupted = true
-            return (s.worker, s.workerReported)
+            return (s.workers, s.workerReported)
         }
         var done: [String] = []
-        if pid > 0 {
-            kill(pid, sig)
-            let deadline = monotonicNs() + Self.graceMs * 1_000_000
-            var status: Int32 = 0
-            var gone = false
-            while monotonicNs() < deadline {
+        for pid in pids { kill(pid, sig) }
+        let deadline = monotonicNs() + Self.graceMs * 1_000_000
+        var left = pids
+        while !left.isEmpty && monotonicNs() < deadline {
+            for pid in left {
+                var status: Int32 = 0
                 let r = waitpid(pid, &status, WNOHANG)
-                if r == pid || (r < 0 && errno == ECHILD) {
-                    gone = true
-                    break
-                }
-                usleep(5_000)
+                if r == pid || (r < 0 && errno == ECHILD) { left.remove(pid) }
             }
-            if !gone {
-                kill(pid, SIGKILL)
-                _ = waitpid(pid, &status, 0)
-                done.append("killed the cowpin worker \(pid) (no exit \(Self.graceMs / 1000) s after \(signalDescription(sig)))")
-            }
+            if !left.isEmpty { usleep(5_000) }
         }
-        return (done + Self.recover(), pid > 0 || reported)
+        for pid in left {
+            var status: Int32 = 0
+            kill(pid, SIGKILL)
+            _ = waitpid(pid, &status, 0)
+            done.append("killed the cowpin worker \(pid) (no exit \(Self.graceMs / 1000) s after \(signalDescription(sig)))")
+        }
+        return (done + Self.recover(), !pids.isEmpty || reported)
     }
 }
 
@@ -432,22 +591,6 @@ public final class WorkerChannel: Reporter {
     let encoder = JSONEncoder()
 
     public init() {}
-
-    /// When the supervisor is gone (its end of the worker's stdin closes, or
-    /// a message finds no reader), the worker cleans up as on SIGTERM and
-    /// exits. SIGPIPE is ignored for that (children reset it to the default).
-    public static func exitWithSupervisor() {
-        signal(SIGPIPE, SIG_IGN)
-        startThread {
-            var b: UInt8 = 0
-            while true {
-                let n = read(0, &b, 1)
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 { break }
-            }
-            supervisorGone()
-        }
-    }
 
     /// SIGTERM to this process (the signal thread cleans up and exits); this thread waits for that.
     static func supervisorGone() -> Never {

@@ -65,6 +65,12 @@ public final class SystemState: @unchecked Sendable {
     public func set(_ path: String, _ value: String) throws {
         try state.with { changes in
             try checkOpen(path)
+            if sideBySide {
+                // The supervisor set what this case and those beside it need.
+                guard let old = readFile(path)?.trimmed else { throw CaseSkip("cannot read \(path)") }
+                if Self.storedValue(path, old) == value { return }
+                throw HarnessError("the case would set \(path) to '\(value)' while other cases run beside it: its SharedNeeds must name that knob, or `alone`")
+            }
             try takeLock()
             guard let old = readFile(path)?.trimmed else { throw CaseSkip("cannot read \(path)") }
             let stored = Self.storedValue(path, old)
@@ -76,6 +82,21 @@ public final class SystemState: @unchecked Sendable {
             }
         }
     }
+
+    /// Sets each knob (in path order); see `set(_:_:)`.
+    public func set(_ knobs: [String: String]) throws {
+        for (path, value) in knobs.sorted(by: { $0.key < $1.key }) { try set(path, value) }
+    }
+
+    /// Whether the case runs beside others (`cowpin run --jobs`): its
+    /// supervisor set the knobs it needs and holds the cross-process lock.
+    /// It may then change nothing: `set` of another value and `lockForCase`
+    /// are harness errors (its `SharedNeeds` are wrong).
+    public var besideOthers: Bool {
+        get { state.with { _ in sideBySide } }
+        set { state.with { _ in sideBySide = newValue } }
+    }
+    private var sideBySide = false
 
     /// After an interrupt's cleanup nothing changes any more (the process is
     /// about to exit; a case still running must not undo that cleanup).
@@ -103,22 +124,31 @@ public final class SystemState: @unchecked Sendable {
 
     /// One process changes (or depends on) global knobs at a time: a second
     /// one waits, bounded. Held until the case ends. Call with `state` held.
-    private func takeLock() throws {
-        guard lockFD < 0 else { return }
+    /// Whoever takes it first restores what processes that died left in
+    /// their journals: a change a dead process made outlives its lock, and
+    /// must not be taken for the value to restore.
+    @discardableResult
+    private func takeLock() throws -> [String] {
+        guard lockFD < 0 else { return [] }
         mkdir(Self.directory, 0o700)
         lockFD = open(Self.directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        var waited = 0
+        var waitedUs = 0, pause = 1_000
         while lockFD >= 0 && flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
-            if waited >= 30_000 { throw CaseSkip("another cowpin run holds \(Self.directory)/lock (it is changing system state)") }
-            usleep(100_000)
-            waited += 100
+            if waitedUs >= 30_000_000 { throw CaseSkip("another cowpin run holds \(Self.directory)/lock (it is changing system state)") }
+            usleep(UInt32(pause))
+            waitedUs += pause
+            pause = min(2 * pause, 50_000)
         }
+        return Self.restoreJournalsOfTheDead()
     }
 
     /// Holds the cross-process lock for the rest of the case, for a case that
     /// depends on global state without changing it (free huge pages).
     public func lockForCase() throws {
-        try state.with { _ in try takeLock() }
+        try state.with { _ in
+            if sideBySide { throw HarnessError("the case depends on state other cases change (it takes cowpin's lock) while they run beside it: its SharedNeeds must say `alone`") }
+            try takeLock()
+        }
     }
 
     private var journalPath: String { Self.directory + "/journal-\(getpid())" }
@@ -211,9 +241,42 @@ public final class SystemState: @unchecked Sendable {
         ProbeParsing.bracketed(shown) ?? shown
     }
 
-    /// Restores what runs that died (SIGKILL) left in their journals.
+    /// Restores what runs that died (SIGKILL) left in their journals, under
+    /// the cross-process lock (taken for it, bounded, unless held already).
     @discardableResult
     public static func recoverStale() -> [String] {
+        shared.state.with { _ in
+            if shared.lockFD >= 0 { return restoreJournalsOfTheDead() }
+            // Whoever holds the lock meanwhile restores them when it takes it.
+            guard let restored = try? shared.takeLock() else { return [] }
+            close(shared.lockFD)
+            shared.lockFD = -1
+            return restored
+        }
+    }
+
+    /// Runs `body` under the cross-process lock (taken for it, bounded, and
+    /// released after, unless this process held it already): no cowpin run
+    /// changes system state meanwhile, and what dead ones left is restored.
+    public func withLock<T>(_ body: () throws -> T) throws -> T {
+        let took = try state.with { _ -> Bool in
+            if lockFD >= 0 { return false }
+            try takeLock()
+            return true
+        }
+        defer {
+            if took {
+                state.with { _ in
+                    if lockFD >= 0 { close(lockFD) }
+                    lockFD = -1
+                }
+            }
+        }
+        return try body()
+    }
+
+    /// Call with the cross-process lock held.
+    private static func restoreJournalsOfTheDead() -> [String] {
         var restored: [String] = []
         for name in listDirectory(directory) where name.hasPrefix("journal-") {
             guard let pid = Int32(name.dropFirst("journal-".count)), pid != getpid(), !processAlive(pid) else { continue }

@@ -183,22 +183,20 @@ struct ParallelTests {
         CLITests.checkKTAP(o.stdout).results
     }
 
-    @Test("phases: one job runs everything in order; several group the cases by the knobs they need, and the alone ones apart")
+    @Test("phases: one job runs everything in order; several group the cases by what they need, and the alone ones apart")
     func phases() throws {
         let ids = ["cow/fork-parent-writes/anon-page", "cow/fork-parent-writes/mthp-64k", "cow/fork-parent-writes/hugetlb-2048k",
                    "cow/fork-parent-writes/thp-pmd", "cow/fork-parent-writes/mthp-64k-swapped", "cow/fork-parent-writes/mthp-16k",
-                   "cow/fork-parent-writes/ksm-page"]
+                   "cow/fork-parent-writes/ksm-page", "cow/fork-parent-writes/hugetlb-1048576k"]
         let cases = try ids.map { try #require(Catalog.find($0), "\($0)") }
-        let knob = { (kb: Int) in ["/sys/kernel/mm/transparent_hugepage/hugepages-\(kb)kB/enabled": "madvise"] }
+        let knob = { (kb: Int) in SharedNeeds(knobs: [.init("/sys/kernel/mm/transparent_hugepage/hugepages-\(kb)kB/enabled", "madvise")]) }
         let one = Supervisor(cases: cases, options: RunOptions(repeatCount: 2), jobs: 1, command: [])
-        #expect(one.phases() == [Supervisor.Phase(knobs: nil, numbers: Array(1...14))])
+        #expect(one.phases() == [Supervisor.Phase(needs: nil, numbers: Array(1...16))])
         let two = Supervisor(cases: cases, options: RunOptions(repeatCount: 2), jobs: 2, command: [])
-        #expect(two.phases() == [
-            Supervisor.Phase(knobs: [:], numbers: [1, 4, 8, 11]),
-            Supervisor.Phase(knobs: knob(64), numbers: [2, 5, 9, 12]),
-            Supervisor.Phase(knobs: nil, numbers: [3, 7, 10, 14]),
-            Supervisor.Phase(knobs: knob(16), numbers: [6, 13]),
-        ])
+        let phases = two.phases()
+        #expect(phases.map(\.numbers) == [[1, 4, 9, 12], [2, 5, 10, 13], [3, 11], [6, 14], [7, 15], [8, 16]])
+        #expect(phases.map(\.needs) == [SharedNeeds.none, knob(64), SharedNeeds(hugePages: [2048: 4]), knob(16), cases[6].needs, nil])
+        #expect(cases[6].needs.knobs.last == .init("/sys/kernel/mm/ksm/run", "1"), "ksmd starts once its other knobs are set")
         #expect(cases[4].needs.swap && !cases[1].needs.swap)
     }
 
@@ -265,6 +263,8 @@ struct WorkerMessageTests {
     @Test("results round-trip through the worker's message line", arguments: [
         Verdict.coherent,
         .skip(reason: "needs \"root\"\\ and\ta tab\n"),
+        .skip(reason: "a trailing backslash \\"),
+        .error("\\t is not a tab, \\\\n not a newline"),
         .xfail(reason: "unfixed", reference: "mm/cow.c", evidence: Evidence(notes: ["n"])),
         .xpass(reason: "unfixed – ünïcode", reference: "ref"),
         .error("the cowpin worker was killed by SIGBUS (signal 7) during this case"),
@@ -276,7 +276,7 @@ struct WorkerMessageTests {
                            phases: Phases(memoryNs: 1, scenarioNs: 2, cleanupNs: 3))
         let line = WorkerChannel.resultLine(r, number: 7)
         #expect(!line.contains("\n"))
-        let m = try JSONDecoder().decode(WorkerMessage.self, from: Data(line.utf8))
+        let m = try #require(WorkerMessage.decode(Array(line.utf8)[...], JSONDecoder()))
         #expect(m.result?.number == 7)
         #expect(m.result?.caseResult == r)
     }

@@ -187,7 +187,7 @@ public enum LongTermPinCases {
                               "wait (bounded) until ksmd merged the two copies, then for two more full scans",
                               "the pinned pages must not have been merged (KSM skips pinned pages)",
                               "the parent writes 0xff", "read through the pin: must show the write"],
-                             tags: ["ksm"], backings: Backing.standard, needs: .alone) { ctx, region in
+                             tags: ["ksm"], backings: Backing.standard, needs: KSM.needs) { ctx, region in
             try KSM.start(ctx)
             let p = try pinned(pin, ctx)
             let twins = try KSM.twins(of: region)

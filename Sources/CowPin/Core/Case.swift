@@ -71,19 +71,34 @@ public struct Case: Sendable, Identifiable {
 
 /// What a case needs of the state every process on the machine shares. It
 /// decides which cases `cowpin run --jobs N` runs side by side: cases that
-/// run under the same knob values, none of them changing what the others see.
+/// need the same, none of them changing what the others see.
 public struct SharedNeeds: Hashable, Sendable {
-    /// sysfs values the case runs under (path: value), set for it (journaled,
-    /// restored): by the case itself, or for a group of cases by the supervisor.
-    public var knobs: [String: String] = [:]
-    /// The case changes state other cases would see while it runs (the
-    /// hugetlb pool, ksmd): no case runs beside it, and it sets that state itself.
+    /// A sysfs value.
+    public struct Knob: Hashable, Sendable {
+        public var path: String
+        public var value: String
+        public init(_ path: String, _ value: String) {
+            self.path = path
+            self.value = value
+        }
+    }
+
+    /// sysfs values the case runs under, set in this order (journaled,
+    /// restored): by the case itself, or for a phase by the supervisor.
+    public var knobs: [Knob] = []
+    /// Huge pages (KiB: count) the case may hold at once: the case grows the
+    /// pool by what it lacks, or for a phase the supervisor grows it for
+    /// every case that may run at the same time.
+    public var hugePages: [Int: Int] = [:]
+    /// The case changes state other cases would see while it runs: no case
+    /// runs beside it, and it sets that state itself.
     public var alone = false
     /// The case swaps pages out: a swap device must be active (set up once per run).
     public var swap = false
 
-    public init(knobs: [String: String] = [:], alone: Bool = false, swap: Bool = false) {
+    public init(knobs: [Knob] = [], hugePages: [Int: Int] = [:], alone: Bool = false, swap: Bool = false) {
         self.knobs = knobs
+        self.hugePages = hugePages
         self.alone = alone
         self.swap = swap
     }
@@ -94,6 +109,7 @@ public struct SharedNeeds: Hashable, Sendable {
 
     /// Both needs at once.
     public func merged(_ other: SharedNeeds) -> SharedNeeds {
-        SharedNeeds(knobs: knobs.merging(other.knobs) { a, _ in a }, alone: alone || other.alone, swap: swap || other.swap)
+        SharedNeeds(knobs: knobs + other.knobs.filter { !knobs.contains($0) }, hugePages: hugePages.merging(other.hugePages, uniquingKeysWith: max),
+                    alone: alone || other.alone, swap: swap || other.swap)
     }
 }

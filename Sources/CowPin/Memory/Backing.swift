@@ -1,4 +1,5 @@
 import CCowPin
+import Glibc
 
 /// How the memory under test is provided. `make` maps it, fills it with the
 /// case's original content and verifies it really is what the id says
@@ -56,13 +57,19 @@ public struct Backing: Sendable {
     /// twice at once (the region and one copy), and few are free at runtime.
     static func hugetlbPagesPerCase(_ kb: Int) -> Int { kb >= 1 << 20 ? 2 : 4 }
 
+    /// What a case on `count` huge pages of `kb` KiB needs: the pool grown;
+    /// gigantic pages (few free at runtime) for one case at a time.
+    static func hugetlbNeeds(kb: Int, count: Int) -> SharedNeeds {
+        SharedNeeds(hugePages: [kb: count], alone: kb >= 1 << 20)
+    }
+
     /// One anonymous hugetlb page of `kb` KiB (MAP_HUGETLB). The pool is grown
     /// by what the case needs (journaled: restored when the case ends).
     public static func hugetlb(_ kb: Int) -> Backing {
         // A gigantic page takes about a second per case to fill and compare:
         // "slow" keeps it out of the default selection.
         Backing(id: "hugetlb-\(kb)k", summary: "an anonymous hugetlb page of \(kb) KiB",
-                tags: ["hugetlb"] + (kb >= 1 << 20 ? [Selection.slowTag] : []), needs: .alone) { ctx in
+                tags: ["hugetlb"] + (kb >= 1 << 20 ? [Selection.slowTag] : []), needs: hugetlbNeeds(kb: kb, count: hugetlbPagesPerCase(kb))) { ctx in
             try reserveHugePages(kb: kb, count: hugetlbPagesPerCase(kb), ctx: ctx)
             let r = try Region.hugetlb(size: kb * 1024)
             r.fill(ctx.original)
@@ -72,7 +79,8 @@ public struct Backing: Sendable {
 
     /// Makes `count` free huge pages of `kb` KiB available to the case: the
     /// pool is grown by the deficit (journaled: restored when the case ends)
-    /// and the cross-process lock is held until the case ends.
+    /// and the cross-process lock is held until the case ends. Beside other
+    /// cases, the supervisor grew it for all of them.
     static func reserveHugePages(kb: Int, count: Int, ctx: CaseContext) throws {
         guard ctx.probe.hugetlb.contains(where: { $0.sizeKB == kb }) else {
             throw CaseSkip("no \(kb) KiB hugetlb pages on this kernel (no /sys/kernel/mm/hugepages/hugepages-\(kb)kB)")
@@ -81,8 +89,31 @@ public struct Backing: Sendable {
         // take them between the check and the child's COW fault (SIGBUS).
         // Only a process that reserves them, under the lock, can rely on them.
         guard Probe.isRoot else { throw CaseSkip("reserving hugetlb pages for the case needs root (nr_hugepages)") }
+        if SystemState.shared.besideOthers {
+            // Pages an earlier case's io_uring still holds come back soon (bounded).
+            let deadline = monotonicNs() + 2_000_000_000
+            var free = freeHugePages(kb)
+            while free < count && monotonicNs() < deadline {
+                usleep(1_000)
+                free = freeHugePages(kb)
+            }
+            guard free >= count else { throw CaseSkip("only \(free) free \(kb) KiB huge pages of \(count) needed, 2 s after the phase's reservation") }
+            return
+        }
         try SystemState.shared.lockForCase()
+        try growHugetlbPool(kb: kb, free: count)
+    }
+
+    static func freeHugePages(_ kb: Int) -> Int {
+        readFile("/sys/kernel/mm/hugepages/hugepages-\(kb)kB/free_hugepages").flatMap { Int($0.trimmed) } ?? 0
+    }
+
+    /// Grows the pool of `kb` KiB huge pages until `free` are free
+    /// (journaled: restored when the case, or the supervisor's phase, ends).
+    /// Call under the cross-process lock.
+    public static func growHugetlbPool(kb: Int, free count: Int) throws {
         let dir = "/sys/kernel/mm/hugepages/hugepages-\(kb)kB"
+        guard access(dir, F_OK) == 0 else { throw CaseSkip("no \(kb) KiB hugetlb pages on this kernel (no \(dir))") }
         func value(_ f: String) -> Int { readFile("\(dir)/\(f)").flatMap { Int($0.trimmed) } ?? 0 }
         // Grow the pool by the deficit; pages a previous case still holds
         // (io_uring releases registered buffers asynchronously) may make
@@ -102,7 +133,7 @@ public struct Backing: Sendable {
     /// MADV_HUGEPAGE; verified in /proc/kpageflags as one large folio.
     public static func mthp(_ kb: Int) -> Backing {
         let knob = "/sys/kernel/mm/transparent_hugepage/hugepages-\(kb)kB/enabled"
-        let needs = SharedNeeds(knobs: [knob: "madvise"])
+        let needs = SharedNeeds(knobs: [.init(knob, "madvise")])
         return Backing(id: "mthp-\(kb)k", summary: "an anonymous \(kb) KiB mTHP", tags: ["anon", "thp", "mthp"], needs: needs) { ctx in
             guard ctx.probe.thp.sizes.contains(where: { $0.sizeKB == kb }) else {
                 throw CaseSkip("no \(kb) KiB mTHP on this kernel (no \(knob); multi-size THP needs 6.8 or later)")

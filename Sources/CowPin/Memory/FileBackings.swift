@@ -33,7 +33,7 @@ public enum FileKind: Sendable, Equatable {
 
     /// A hugetlbfs file grows the hugetlb pool for its case.
     var needs: SharedNeeds {
-        if case .memfdHugetlb = self { return .alone }
+        if case .memfdHugetlb(let kb) = self { return Backing.hugetlbNeeds(kb: kb, count: CaseFile.hugePagesPerCase) }
         return .none
     }
 

@@ -16,14 +16,16 @@ enum KSM {
     static func start(_ ctx: CaseContext) throws {
         guard ctx.probe.ksm.available else { throw CaseSkip(ctx.probe.ksm.detail) }
         guard Probe.isRoot else { throw CaseSkip("starting ksmd needs root (/sys/kernel/mm/ksm/run)") }
-        // Smart scan (6.7+) skips pages that failed to merge for several
-        // scans, and its state can outlive a mapping whose address a later
-        // case reuses: off, so every scan looks at every page.
-        if access("\(dir)/smart_scan", F_OK) == 0 { try SystemState.shared.set("\(dir)/smart_scan", "0") }
-        try SystemState.shared.set("\(dir)/pages_to_scan", "4096")
-        try SystemState.shared.set("\(dir)/sleep_millisecs", "0")
-        try SystemState.shared.set("\(dir)/run", "1")
+        try SystemState.shared.set(needs.knobs)
     }
+
+    /// ksmd's knobs for a case, `run` last. Smart scan (6.7+) skips pages
+    /// that failed to merge for several scans, and its state can outlive a
+    /// mapping whose address a later case reuses: off, so every scan looks
+    /// at every page. KSM cases may run beside each other: each merges
+    /// copies of its own content, which no other case has.
+    static let needs = SharedNeeds(knobs: (access("\(dir)/smart_scan", F_OK) == 0 ? [.init("\(dir)/smart_scan", "0")] : [])
+        + [.init("\(dir)/pages_to_scan", "4096"), .init("\(dir)/sleep_millisecs", "0"), .init("\(dir)/run", "1")])
 
     static var fullScans: Int { readFile("\(dir)/full_scans").flatMap { Int($0.trimmed) } ?? -1 }
 
@@ -84,7 +86,7 @@ extension Backing {
     /// An anonymous base page merged by KSM with identical pages elsewhere:
     /// a write-protected page shared across mappings, never anon-exclusive.
     public static let ksmPage = Backing(
-        id: "ksm-page", summary: "an anonymous base page merged by KSM (MADV_MERGEABLE)", tags: ["anon", "ksm"], needs: .alone
+        id: "ksm-page", summary: "an anonymous base page merged by KSM (MADV_MERGEABLE)", tags: ["anon", "ksm"], needs: KSM.needs
     ) { ctx in
         try KSM.start(ctx)
         let r = try basePage("anonymous, KSM-merged")

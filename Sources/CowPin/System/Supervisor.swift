@@ -64,36 +64,51 @@ public final class Supervisor {
     /// Case runs that run in one go, under the same conditions.
     public struct Phase: Equatable {
         /// nil: each case sets what it needs itself, one case at a time.
-        /// Otherwise the knobs the supervisor sets for the phase; its cases run side by side.
-        public var knobs: [String: String]?
+        /// Otherwise what the supervisor sets up for the phase (its cases'
+        /// `SharedNeeds` but swap, set up for the run); its cases run side by side.
+        public var needs: SharedNeeds?
         public var numbers: [Int]
 
-        public init(knobs: [String: String]?, numbers: [Int]) {
-            self.knobs = knobs
+        public init(needs: SharedNeeds?, numbers: [Int]) {
+            self.needs = needs
             self.numbers = numbers
         }
     }
 
     /// The phases of the run: with one job, every case run in order, each
-    /// setting its own knobs. Otherwise the case runs grouped by the knobs
-    /// they need, and the cases that run alone, each group in the order of
-    /// its first case.
+    /// setting what it needs itself. Otherwise the case runs grouped by what
+    /// they need, and those that run alone, each group in the order of its
+    /// first case.
     public func phases() -> [Phase] {
         let all = Array(1...planned)
-        guard jobs > 1 else { return [Phase(knobs: nil, numbers: all)] }
+        guard jobs > 1 else { return [Phase(needs: nil, numbers: all)] }
         var list: [Phase] = []
-        var index: [[String: String]?: Int] = [:]
+        var index: [SharedNeeds?: Int] = [:]
         for n in all {
-            let needs = caseRun(n).c.needs
-            let key: [String: String]? = needs.alone ? nil : needs.knobs
+            var needs = caseRun(n).c.needs
+            needs.swap = false
+            let key = needs.alone ? nil : needs
             if let i = index[key] {
                 list[i].numbers.append(n)
             } else {
                 index[key] = list.count
-                list.append(Phase(knobs: key, numbers: [n]))
+                list.append(Phase(needs: key, numbers: [n]))
             }
         }
         return list
+    }
+
+    /// Sets up what a phase's cases need (journaled, under the cross-process
+    /// lock, held until `restore(caseOnly:)`): its knobs, and the huge pages
+    /// every case that may run at the same time may hold, twice over (pages
+    /// an earlier case's io_uring releases late).
+    func setUp(_ needs: SharedNeeds) throws {
+        guard needs != .none else { return }
+        try SystemState.shared.lockForCase()
+        try SystemState.shared.set(needs.knobs)
+        for (kb, count) in needs.hugePages.sorted(by: { $0.key < $1.key }) {
+            try Backing.growHugetlbPool(kb: kb, free: 2 * jobs * count)
+        }
     }
 
     /// A running worker, as the supervisor sees it.
@@ -229,8 +244,8 @@ public final class Supervisor {
             // The supervisor sets the phase's knobs; if it cannot, its cases
             // run one at a time and say why they cannot run themselves.
             var beside = false
-            if let knobs = phase.knobs {
-                beside = (try? SystemState.shared.set(knobs)) != nil
+            if let needs = phase.needs {
+                beside = (try? setUp(needs)) != nil
                 if !beside { SystemState.shared.restore(caseOnly: true) }
             }
             let width = beside ? jobs : 1
@@ -515,7 +530,8 @@ public func signalDescription(_ sig: Int32) -> String {
 }
 
 /// One line from the worker to the supervisor: its probe, a case run that
-/// starts, or a result. Case runs are numbered 1... over the whole run.
+/// starts, or a result (JSON; a result without evidence or notes as tab-separated
+/// fields, see `WorkerChannel.resultLine`). Case runs are numbered 1... over the whole run.
 public struct WorkerMessage: Codable {
     public var probe: Probe?
     public var started: Int?
@@ -529,12 +545,14 @@ public struct WorkerMessage: Codable {
 
     static let startedPrefix = Array("{\"started\":".utf8)
 
-    /// Decodes one line; `{"started":N}` (half the lines) without JSONDecoder.
-    static func decode(_ line: ArraySlice<UInt8>, _ decoder: JSONDecoder) -> WorkerMessage? {
+    /// Decodes one line; `{"started":N}` (half the lines) and plain results
+    /// (most of the others) without JSONDecoder.
+    public static func decode(_ line: ArraySlice<UInt8>, _ decoder: JSONDecoder) -> WorkerMessage? {
         if line.starts(with: startedPrefix), line.last == UInt8(ascii: "}"),
            let n = Int(String(decoding: line.dropFirst(startedPrefix.count).dropLast(), as: UTF8.self)) {
             return WorkerMessage(started: n)
         }
+        if let r = WorkerChannel.plainResult(line) { return WorkerMessage(result: r) }
         return try? decoder.decode(WorkerMessage.self, from: Data(line))
     }
 }
@@ -551,6 +569,20 @@ public struct WorkerResult: Codable, Equatable {
     public var durationNs: UInt64
     public var phases: Phases?
     public var notes: [String]?
+
+    init(number: Int, id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, reference: String?, evidence: Evidence?,
+         durationNs: UInt64, phases: Phases?, notes: [String]?) {
+        self.number = number
+        self.id = id
+        self.iteration = iteration
+        self.verdict = verdict
+        self.reason = reason
+        self.reference = reference
+        self.evidence = evidence
+        self.durationNs = durationNs
+        self.phases = phases
+        self.notes = notes
+    }
 
     public init(_ r: CaseResult, number: Int) {
         self.number = number
@@ -633,29 +665,57 @@ public final class WorkerChannel: Reporter {
         guard w.evidence == nil && w.notes == nil else {
             return (try? encoder.encode(WorkerMessage(result: w))).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
         }
-        var o = "{\"result\":{\"number\":\(w.number),\"id\":\(Self.quoted(w.id)),\"iteration\":\(w.iteration),"
-        o += "\"verdict\":\"\(w.verdict.rawValue)\",\"durationNs\":\(w.durationNs)"
-        if let reason = w.reason { o += ",\"reason\":\(Self.quoted(reason))" }
-        if let reference = w.reference { o += ",\"reference\":\(Self.quoted(reference))" }
-        if let p = w.phases { o += ",\"phases\":{\"memoryNs\":\(p.memoryNs),\"scenarioNs\":\(p.scenarioNs),\"cleanupNs\":\(p.cleanupNs)}" }
-        return o + "}}"
+        let phases = w.phases.map { "\($0.memoryNs),\($0.scenarioNs),\($0.cleanupNs)" } ?? ""
+        return ["R", String(w.number), String(w.iteration), w.verdict.rawValue, String(w.durationNs), phases,
+                escaped(w.id), w.reason.map(escaped) ?? "", w.reference.map(escaped) ?? ""].joined(separator: "\t")
     }
 
-    /// A JSON string literal.
-    static func quoted(_ s: String) -> String {
-        var o = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": o += "\\\""
+    /// A field of a plain result line: `\`, tab and newline escaped.
+    static func escaped(_ s: String) -> String {
+        guard s.contains(where: { $0 == "\\" || $0 == "\t" || $0 == "\n" }) else { return s }
+        var o = ""
+        for c in s {
+            switch c {
             case "\\": o += "\\\\"
+            case "\t": o += "\\t"
             case "\n": o += "\\n"
-            case _ where u.value < 0x20:
-                let hex = String(u.value, radix: 16)
-                o += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            default: o.unicodeScalars.append(u)
+            default: o.append(c)
             }
         }
-        return o + "\""
+        return o
+    }
+
+    static func unescaped(_ s: Substring) -> String {
+        guard s.contains("\\") else { return String(s) }
+        var o = "", escape = false
+        for c in s {
+            if escape {
+                o.append(c == "t" ? "\t" : c == "n" ? "\n" : c)
+                escape = false
+            } else if c == "\\" {
+                escape = true
+            } else {
+                o.append(c)
+            }
+        }
+        return o
+    }
+
+    /// A plain result line (see `resultLine`); nil when it is not one.
+    static func plainResult(_ line: ArraySlice<UInt8>) -> WorkerResult? {
+        guard line.starts(with: [UInt8(ascii: "R"), 9]) else { return nil }
+        let f = String(decoding: line, as: UTF8.self).split(separator: "\t", omittingEmptySubsequences: false)
+        guard f.count == 9, let number = Int(f[1]), let iteration = Int(f[2]), let verdict = Verdict.Kind(rawValue: String(f[3])),
+              let duration = UInt64(f[4]) else { return nil }
+        var phases: Phases?
+        if !f[5].isEmpty {
+            let p = f[5].split(separator: ",").compactMap { UInt64($0) }
+            guard p.count == 3 else { return nil }
+            phases = Phases(memoryNs: p[0], scenarioNs: p[1], cleanupNs: p[2])
+        }
+        return WorkerResult(number: number, id: unescaped(f[6]), iteration: iteration, verdict: verdict,
+                            reason: f[7].isEmpty ? nil : unescaped(f[7]), reference: f[8].isEmpty ? nil : unescaped(f[8]),
+                            evidence: nil, durationNs: duration, phases: phases, notes: nil)
     }
 
     public func end(_ totals: Totals) {}

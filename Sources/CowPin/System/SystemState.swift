@@ -83,9 +83,9 @@ public final class SystemState: @unchecked Sendable {
         }
     }
 
-    /// Sets each knob (in path order); see `set(_:_:)`.
-    public func set(_ knobs: [String: String]) throws {
-        for (path, value) in knobs.sorted(by: { $0.key < $1.key }) { try set(path, value) }
+    /// Sets each knob, in order; see `set(_:_:)`.
+    public func set(_ knobs: [SharedNeeds.Knob]) throws {
+        for k in knobs { try set(k.path, k.value) }
     }
 
     /// Whether the case runs beside others (`cowpin run --jobs`): its

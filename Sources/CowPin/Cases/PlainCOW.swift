@@ -89,7 +89,14 @@ public enum PlainCOWCases {
             let region = ctx.region!
             let half = region.size / 2
             func collapse() throws {
-                let r = cp_madvise(region.base, region.size, Int32(CP_MADV_COLLAPSE))
+                // EAGAIN is transient (a page locked, or off the LRU for a
+                // moment, e.g. in another CPU's LRU batch): retried, bounded.
+                var r = cp_madvise(region.base, region.size, Int32(CP_MADV_COLLAPSE))
+                for _ in 0..<100 where r == -EAGAIN {
+                    usleep(1_000)
+                    r = cp_madvise(region.base, region.size, Int32(CP_MADV_COLLAPSE))
+                }
+                if r == -EAGAIN { throw CaseSkip("MADV_COLLAPSE still failed with EAGAIN (temporary) after 100 tries, 1 ms apart") }
                 if r == -EINVAL {
                     if let v = KernelVersion(ctx.probe.kernel.release), v < KernelVersion("6.1")! {
                         throw CaseSkip("MADV_COLLAPSE is not supported (EINVAL; added in 6.1)")

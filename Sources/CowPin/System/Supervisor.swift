@@ -264,8 +264,9 @@ public final class Supervisor {
                     var slot = busy.count < width ? slots.first { $0.assigned.isEmpty } : nil
                     if slot == nil && busy.count < width && slots.count < jobs {
                         guard let new = spawn() else {
-                            died("it could not be started: \(Errno.name(errno))")
-                            fputs("cowpin: a worker could not be started: \(Errno.name(errno))\n", stderr)
+                            let why = "could not be started: \(Errno.name(errno))"
+                            fputs("cowpin: a worker \(why)\n", stderr)
+                            died("it \(why)")
                             break
                         }
                         slots.append(new)

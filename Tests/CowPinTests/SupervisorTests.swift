@@ -200,6 +200,14 @@ struct ParallelTests {
         #expect(cases[4].needs.swap && !cases[1].needs.swap)
     }
 
+    @Test("a VFIO group opens in one process at a time (EBUSY otherwise): the VFIO cases run alone")
+    func vfioAlone() {
+        let vfio = Catalog.all.filter { $0.tags.contains("vfio-ro") || $0.tags.contains("vfio-rw") }
+        #expect(vfio.count > 50)
+        #expect(vfio.allSatisfy { $0.needs.alone })
+        #expect(!Catalog.all.filter { $0.id.hasPrefix("iouring-fixed/fork-parent-writes/") }.contains { $0.needs.alone && !$0.tags.contains("hugetlb") && !$0.tags.contains("ksm") })
+    }
+
     @Test("--jobs 2 gives the verdicts, order and output of --jobs 1, and leaves the knobs as they were")
     func sameAsOneJob() throws {
         let before = SupervisorTests.knobValue()

@@ -59,7 +59,7 @@ public enum LongTermPinCases {
             Scenario(
                 id: "\(pin.id)/\(event)", summary: "\(pin.summary): \(summary)", steps: steps,
                 tags: [pin.id, "longterm-pin", pin.readOnly ? "ro-pin" : "rw-pin"] + tags, backings: backings ?? anon,
-                needs: needs, requires: { pin.unavailable($0) },
+                needs: needs.merged(pin.needs), requires: { pin.unavailable($0) },
                 body: { ctx in try body(ctx, ctx.region) })
         }
         var list = [

@@ -6,10 +6,17 @@ public protocol PinMethod: Sendable {
     var summary: String { get }
     /// R/O pin (no FOLL_WRITE): the hard case of the LKML discussion.
     var readOnly: Bool { get }
+    /// What pinning needs of state all processes share (a device only one
+    /// process may open, ...): `.none` unless said otherwise.
+    var needs: SharedNeeds { get }
     /// Why this pin cannot be used here, or nil.
     func unavailable(_ probe: Probe) -> String?
     /// Pins the whole region.
     func pin(_ region: Region, in ctx: CaseContext) throws -> Pin
+}
+
+extension PinMethod {
+    public var needs: SharedNeeds { .none }
 }
 
 /// A live pin.

@@ -165,6 +165,8 @@ public struct VFIOPin: PinMethod {
         "VFIO_IOMMU_MAP_DMA \(writable ? "read-write" : "read-only") (a device's long-term pin), seen by a real DMA engine"
     }
     public var readOnly: Bool { !writable }
+    /// One process at a time may open a VFIO group (EBUSY otherwise).
+    public var needs: SharedNeeds { .alone }
 
     public func unavailable(_ probe: Probe) -> String? {
         if !probe.vfio.container { return "no /dev/vfio/vfio (VFIO not enabled); \(DMADevices.missing)" }

@@ -88,7 +88,7 @@ struct Run: ParsableCommand {
     @Flag(name: .customLong("in-process"), help: "Run the cases in this process instead of a worker process (for debugging: a crash then ends the run).")
     var inProcess = false
 
-    @Option(help: ArgumentHelp("Run up to N cases side by side, each in a worker process of its own (default: the number of CPUs, at most 4). Cases that need different knob values, and those that change what others see (hugetlb pool, ksmd), never overlap. --jobs 1 runs the cases one at a time, in the selection's order.", valueName: "N"))
+    @Option(help: ArgumentHelp("Run up to N cases side by side, each in a worker process of its own (default: the number of CPUs, at most 4). Only cases that need the same global state (mTHP knobs, hugetlb pool) overlap; KSM, VFIO and 1 GiB page cases run alone. --jobs 1 runs the cases one at a time, in the selection's order.", valueName: "N"))
     var jobs: Int?
 
     /// One worker per CPU, at most 4.

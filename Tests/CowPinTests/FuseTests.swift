@@ -220,27 +220,56 @@ struct FuseTests {
         #expect(dirs.isEmpty, "left: \(dirs)")
     }
 
-    @Test("the mount of a SIGKILLed run is removed by the next run")
+    @Test("the mount of a run SIGKILLed while a thread waits for its own FUSE server is removed by the next run, and the run exits")
     func killedRunCleanedByNext() throws {
         if let why = Self.usable {
             recordSkip("\(why)")
             return
         }
-        let pid = try Self.spawn(["run", "--in-process", "--filter", "odirect*", "--repeat", "1000"])
+        let pid = try Self.spawn(["run", "--in-process", "--filter", "odirect-thread/read-fork-parent-writes/*", "--repeat", "100000"])
         var mount: String?
+        var waiting = false
+        // The hard moment: a thread waits in the kernel for the answer to a
+        // READ the run's own server has read (held). Polled, bounded.
         let deadline = ContinuousClock.now + .seconds(20)
-        while mount == nil && ContinuousClock.now < deadline {
+        while !(mount != nil && waiting) && ContinuousClock.now < deadline {
             mount = Self.mounts(of: pid).first
-            if mount == nil { usleep(10_000) }
+            waiting = Self.threadWaitsForFUSE(pid)
+            if !waiting { usleep(100) }
         }
+        #expect(waiting, "no thread of the run was seen waiting for a FUSE answer")
         kill(pid, SIGKILL)
+        // It exits, or (killed while a thread waited for an answer its own
+        // server had read) its main thread is a zombie, the other stuck until
+        // the connection is aborted: the next run must do that.
         var st: Int32 = 0
-        waitpid(pid, &st, 0)
+        var reaped = false
+        let exitBound = ContinuousClock.now + .seconds(10)
+        while !reaped && !Self.isZombie(pid) && ContinuousClock.now < exitBound {
+            reaped = waitpid(pid, &st, WNOHANG) == pid
+            if !reaped { usleep(1_000) }
+        }
         let stale = try #require(mount, "the run never mounted")
         let o = try CLITests.cowpin("run", "--filter", "odirect-thread/read-fork-parent-writes/anon-page")
         #expect(o.status == 0, "\(o.stderr)")
         #expect(!Self.cowpinMounts.contains(stale), "left mounted: \(stale)")
         #expect(!FileManager.default.fileExists(atPath: stale))
+        let reapBound = ContinuousClock.now + .seconds(10)
+        while !reaped && ContinuousClock.now < reapBound {
+            reaped = waitpid(pid, &st, WNOHANG) == pid
+            if !reaped { usleep(1_000) }
+        }
+        #expect(reaped, "the killed run did not exit")
+    }
+
+    static func threadWaitsForFUSE(_ pid: pid_t) -> Bool {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return tasks.contains { (try? String(contentsOfFile: "/proc/\(pid)/task/\($0)/wchan", encoding: .utf8)) == "request_wait_answer" }
+    }
+
+    static func isZombie(_ pid: pid_t) -> Bool {
+        let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+        return stat.split(separator: ")").last?.split(separator: " ").first == "Z"
     }
 
     @Test("mounts and directories of a cowpin process that died are removed")

@@ -351,22 +351,37 @@ public final class FuseServer {
         return nil
     }
 
-    /// Removes mounts and directories left by cowpin processes that died.
+    /// Removes mounts and directories left by cowpin processes that died,
+    /// or are dying. A process SIGKILLed while one of its threads waited
+    /// for the answer to a request its own server had already read cannot
+    /// finish exiting: the kernel waits for that answer without regard to
+    /// signals, and the server is gone. MNT_FORCE aborts the connection,
+    /// which ends the wait (even when the unmount itself is refused).
     public static func removeStale() {
         let mountinfo = readFile("/proc/self/mountinfo") ?? ""
         for line in mountinfo.split(separator: "\n") {
             let f = line.split(separator: " ")
             guard f.count > 4 else { continue }
             let point = String(f[4])
-            if let pid = ownerPID(point), !processAlive(pid) {
+            if let pid = ownerPID(point), ownerGone(pid) {
+                umount2(point, Int32(MNT_FORCE))
                 umount2(point, Int32(MNT_DETACH))
                 rmdir(point)
             }
         }
         for name in listDirectory("/tmp") {
             let path = "/tmp/" + name
-            if let pid = ownerPID(path), !processAlive(pid) { rmdir(path) }
+            if let pid = ownerPID(path), ownerGone(pid) { rmdir(path) }
         }
+    }
+
+    /// Whether `pid` has exited, or is exiting: its main thread is a zombie
+    /// (another thread may still be stuck as described in `removeStale`).
+    static func ownerGone(_ pid: Int32) -> Bool {
+        guard processAlive(pid) else { return true }
+        guard let stat = readFile("/proc/\(pid)/stat"), let paren = stat.lastIndex(of: ")") else { return false }
+        let state = stat[paren...].dropFirst().drop { $0 == " " }.first
+        return state == "Z" || state == "X"
     }
 
     static func ownerPID(_ path: String) -> Int32? {

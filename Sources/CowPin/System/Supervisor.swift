@@ -339,11 +339,12 @@ public final class Supervisor {
         return Slot(pid: pid, commands: cmd[1], messages: msg[0])
     }
 
-    /// Reaps a worker whose messages ended.
+    /// Reaps a worker whose messages ended. A worker killed while a thread
+    /// waited for its own FUSE server's answer cannot finish exiting until
+    /// that connection is aborted (`FuseServer.removeStale`).
     private func wait(for pid: pid_t) -> Outcome {
         var status: Int32 = 0
-        var r: pid_t
-        repeat { r = waitpid(pid, &status, 0) } while r < 0 && errno == EINTR
+        let r = Self.reap(pid, &status)
         let outcome = Outcome(waitStatus: status, pid: pid)
         let interrupted = shared.with { s -> Bool in
             s.workers.remove(pid)
@@ -426,6 +427,20 @@ public final class Supervisor {
         return .some(found)
     }
 
+    /// waitpid() for a worker that exits (or was killed), aborting the FUSE
+    /// connection that keeps a dying worker from exiting, if one does.
+    static func reap(_ pid: pid_t, _ status: inout Int32) -> pid_t {
+        var waitedMs = 0
+        while true {
+            let r = waitpid(pid, &status, WNOHANG)
+            if r < 0 && errno == EINTR { continue }
+            if r != 0 { return r }
+            if waitedMs % 100 == 99 { FuseServer.removeStale() }
+            usleep(1_000)
+            waitedMs += 1
+        }
+    }
+
     /// Blocks for good: the signal thread ends the process.
     private func park() -> Never {
         while true { pause() }
@@ -462,7 +477,7 @@ public final class Supervisor {
         for pid in left {
             var status: Int32 = 0
             kill(pid, SIGKILL)
-            _ = waitpid(pid, &status, 0)
+            _ = Self.reap(pid, &status)
             done.append("killed the cowpin worker \(pid) (no exit \(Self.graceMs / 1000) s after \(signalDescription(sig)))")
         }
         return (done + Self.recover(), !pids.isEmpty || reported)

@@ -201,7 +201,7 @@ public final class Runner {
                 throw HarnessError("the worker got '\(line)' from its supervisor: not '<case run> beside|alone'")
             }
             SystemState.shared.besideOthers = f[1] == "beside"
-            let (c, iteration) = (cases[(number - 1) % cases.count], (number - 1) / cases.count + 1)
+            let (c, iteration) = cases.caseRun(number)
             reporter.started(c, iteration: iteration, number: number)
             reporter.finished(run(c, iteration: iteration), number: number)
         }
@@ -214,6 +214,25 @@ public final class Runner {
         SystemState.shared.besideOthers = false
         SystemState.shared.restore()
     }
+}
+
+extension Array where Element == Case {
+    /// The case run with this 1-based number, in the sequence that is these
+    /// cases `repeatCount` times, and its repetition (1-based).
+    func caseRun(_ number: Int) -> (c: Case, iteration: Int) {
+        (self[(number - 1) % count], (number - 1) / count + 1)
+    }
+}
+
+/// Checks `done` every `everyUs` microseconds until it holds; false once
+/// `boundMs` milliseconds have passed without.
+func poll(boundMs: Int, everyUs: UInt32, _ done: () -> Bool) -> Bool {
+    let deadline = monotonicNs() + UInt64(boundMs) * 1_000_000
+    while !done() {
+        if monotonicNs() > deadline { return false }
+        usleep(everyUs)
+    }
+    return true
 }
 
 /// CLOCK_MONOTONIC in nanoseconds.

@@ -91,13 +91,9 @@ public struct Backing: Sendable {
         guard Probe.isRoot else { throw CaseSkip("reserving hugetlb pages for the case needs root (nr_hugepages)") }
         if SystemState.shared.besideOthers {
             // Pages an earlier case's io_uring still holds come back soon (bounded).
-            let deadline = monotonicNs() + 2_000_000_000
-            var free = freeHugePages(kb)
-            while free < count && monotonicNs() < deadline {
-                usleep(1_000)
-                free = freeHugePages(kb)
+            guard poll(boundMs: 2_000, everyUs: 1_000, { freeHugePages(kb) >= count }) else {
+                throw CaseSkip("only \(freeHugePages(kb)) free \(kb) KiB huge pages of \(count) needed, 2 s after the phase's reservation")
             }
-            guard free >= count else { throw CaseSkip("only \(free) free \(kb) KiB huge pages of \(count) needed, 2 s after the phase's reservation") }
             return
         }
         try SystemState.shared.lockForCase()

@@ -41,12 +41,7 @@ enum KSM {
 
     /// Polls `done` every 100 us until it holds; false after the bound.
     static func poll(_ done: () -> Bool) -> Bool {
-        let deadline = monotonicNs() + UInt64(boundMs) * 1_000_000
-        while !done() {
-            if monotonicNs() > deadline { return false }
-            usleep(100)
-        }
-        return true
+        CowPin.poll(boundMs: boundMs, everyUs: 100, done)
     }
 
     /// Waits (bounded) until every page of `r` is a KSM page; skips with the

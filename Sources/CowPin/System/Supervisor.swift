@@ -55,9 +55,7 @@ public final class Supervisor {
     }
 
     /// The case run with this 1-based number (the sequence is the selection, `repeatCount` times).
-    func caseRun(_ number: Int) -> (c: Case, iteration: Int) {
-        (cases[(number - 1) % cases.count], (number - 1) / cases.count + 1)
-    }
+    func caseRun(_ number: Int) -> (c: Case, iteration: Int) { cases.caseRun(number) }
 
     var planned: Int { cases.count * max(1, options.repeatCount) }
 
@@ -363,7 +361,7 @@ public final class Supervisor {
 
     /// How a worker ended.
     struct Outcome: CustomStringConvertible {
-        enum How { case finished, exited(Int32), killed(Int32), notStarted(Int32) }
+        enum How { case finished, exited(Int32), killed(Int32) }
         var how: How
         var pid: pid_t = 0
 
@@ -391,7 +389,6 @@ public final class Supervisor {
             case .finished: return "exited (status 0) before its cases were done"
             case .exited(let code): return "exited with status \(code)"
             case .killed(let sig): return "was killed by \(signalDescription(sig))"
-            case .notStarted(let err): return "could not be started: \(Errno.name(err))"
             }
         }
 

@@ -65,16 +65,14 @@ public final class SystemState: @unchecked Sendable {
     public func set(_ path: String, _ value: String) throws {
         try state.with { changes in
             try checkOpen(path)
-            if sideBySide {
-                // The supervisor set what this case and those beside it need.
-                guard let old = readFile(path)?.trimmed else { throw CaseSkip("cannot read \(path)") }
-                if Self.storedValue(path, old) == value { return }
-                throw HarnessError("the case would set \(path) to '\(value)' while other cases run beside it: its SharedNeeds must name that knob, or `alone`")
-            }
-            try takeLock()
+            // Beside other cases, the supervisor set what they all need (and holds the lock).
+            if !sideBySide { try takeLock() }
             guard let old = readFile(path)?.trimmed else { throw CaseSkip("cannot read \(path)") }
             let stored = Self.storedValue(path, old)
             if stored == value { return }
+            if sideBySide {
+                throw HarnessError("the case would set \(path) to '\(value)' while other cases run beside it: its SharedNeeds must name that knob, or `alone`")
+            }
             changes.append(.knob(path: path, old: stored))
             try writeJournal(changes)
             if let err = writeFile(path, value) {
@@ -142,6 +140,12 @@ public final class SystemState: @unchecked Sendable {
         return Self.restoreJournalsOfTheDead()
     }
 
+    /// Call with `state` held.
+    private func releaseLock() {
+        if lockFD >= 0 { close(lockFD) }
+        lockFD = -1
+    }
+
     /// Holds the cross-process lock for the rest of the case, for a case that
     /// depends on global state without changing it (free huge pages).
     public func lockForCase() throws {
@@ -184,10 +188,7 @@ public final class SystemState: @unchecked Sendable {
             changes.removeAll { !caseOnly || Self.caseScoped($0) }
             // Rewritten only when it changed (a run-scoped swap entry stays put).
             if !done.isEmpty || !caseOnly { try? writeJournal(changes) }
-            if lockFD >= 0 {
-                close(lockFD)
-                lockFD = -1
-            }
+            releaseLock()
             return done
         }
     }
@@ -249,8 +250,7 @@ public final class SystemState: @unchecked Sendable {
             if shared.lockFD >= 0 { return restoreJournalsOfTheDead() }
             // Whoever holds the lock meanwhile restores them when it takes it.
             guard let restored = try? shared.takeLock() else { return [] }
-            close(shared.lockFD)
-            shared.lockFD = -1
+            shared.releaseLock()
             return restored
         }
     }
@@ -266,10 +266,7 @@ public final class SystemState: @unchecked Sendable {
         }
         defer {
             if took {
-                state.with { _ in
-                    if lockFD >= 0 { close(lockFD) }
-                    lockFD = -1
-                }
+                state.with { _ in releaseLock() }
             }
         }
         return try body()

@@ -65,13 +65,18 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
     case ktap, json, text
 }
 
+/// `run`'s formats: KTAP streams; JSON is one document at the end.
+enum RunFormat: String, ExpressibleByArgument, CaseIterable {
+    case ktap, json
+}
+
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "run", abstract: "Run cases and report KTAP (default) or JSON.")
 
     @OptionGroup var selection: SelectionOptions
 
     @Option(help: ArgumentHelp("Output format: ktap or json.", valueName: "format"))
-    var format: OutputFormat = .ktap
+    var format: RunFormat = .ktap
 
     @Option(name: .customLong("repeat"), help: ArgumentHelp("Run the selection N times.", valueName: "N"))
     var repeatCount: Int = 1
@@ -98,18 +103,22 @@ struct Run: ParsableCommand {
         if let jobs, !(1...64).contains(jobs) { throw ValidationError("--jobs must be between 1 and 64, got \(jobs)") }
         guard repeatCount >= 1 && repeatCount <= 100_000 else { throw ValidationError("--repeat must be between 1 and 100000, got \(repeatCount)") }
         guard timeout > 0 && timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600] seconds, got \(timeout)") }
-        guard format != .text else { throw ValidationError("run supports --format ktap or json") }
+        if bisect != nil && !(selection.filter.isEmpty && selection.tag.isEmpty && selection.exclude.isEmpty) {
+            throw ValidationError("--bisect runs the one case it names: leave out --filter, --tag and --exclude")
+        }
     }
 
     func run() throws {
-        var cases = try selection.cases()
+        let cases: [Case]
         if let id = bisect {
             guard let c = Catalog.find(id) else { throw ValidationError("unknown case '\(id)' for --bisect (see `cowpin list`)") }
             cases = [c]
+        } else {
+            cases = try selection.cases()
         }
         do { _ = try FaultInjection.fromEnvironment() } catch { throw ValidationError("\(error)") }
         // Interrupted runs clean up after themselves; killed ones are cleaned up here.
-        Emergency.installSignalHandling()
+        do { try Emergency.installSignalHandling() } catch { throw ValidationError("cannot start: \(error)") }
         let recovered = SystemState.recoverStale()
         if !recovered.isEmpty { fputs("cowpin: restored what a killed run left: \(recovered.joined(separator: "; "))\n", stderr) }
         FuseServer.removeStale()
@@ -159,7 +168,7 @@ struct Worker: ParsableCommand {
     func run() throws {
         guard fcntl(WorkerChannel.fd, F_GETFD) >= 0 else { throw ValidationError("the worker is started by `cowpin run`") }
         _ = writeFile("/proc/self/comm", "cowpin-worker")  // its name in ps and the kernel log (exec of /proc/self/exe: "exe")
-        Emergency.installSignalHandling()
+        do { try Emergency.installSignalHandling() } catch { throw ValidationError("cannot start: \(error)") }
         // A supervisor that is gone makes a message fail (EPIPE): the worker then cleans up as on SIGTERM.
         signal(SIGPIPE, SIG_IGN)
         guard let selected = WorkerSelection.cases(cases), WorkerSelection.digest(selected) == digest else {
@@ -302,10 +311,11 @@ struct MatrixCommand: ParsableCommand {
         do { history = try ExpectedVerdicts.load(expected) } catch { throw ValidationError("\(error)") }
         var runs: [(label: String, doc: JSONReporter.Document)] = []
         for r in results {
-            let (label, path) = r.contains("=") && !r.hasPrefix("/")
-                ? (String(r.split(separator: "=", maxSplits: 1)[0]), String(r.split(separator: "=", maxSplits: 1)[1]))
-                : ("", r)
-            guard let bytes = readBytes(path) else { throw ValidationError("cannot read result file \(path)") }
+            let (label, path) = Self.split(r)
+            guard !path.isEmpty else { throw ValidationError("'\(r)' names no result file: give LABEL=FILE or FILE") }
+            let read: [UInt8]?
+            do { read = try readBytes(path, limit: Self.maxInput) } catch { throw ValidationError("\(error)") }
+            guard let bytes = read else { throw ValidationError("cannot read result file \(path)") }
             let doc: JSONReporter.Document
             do { doc = try JSONDecoder().decode(JSONReporter.Document.self, from: Data(bytes)) } catch {
                 throw ValidationError("\(path) is not `cowpin run --format json` output: \(error)")
@@ -331,6 +341,15 @@ struct MatrixCommand: ParsableCommand {
         }
         for f in failures { fputs("matrix: \(f)\n", stderr) }
         if !failures.isEmpty { throw ExitCode(1) }
+    }
+
+    /// A result file is at most this big (a full run with evidence is a few MiB).
+    static let maxInput = 256 << 20
+
+    /// LABEL=FILE, or FILE (an absolute path, or one without `=`).
+    static func split(_ argument: String) -> (label: String, path: String) {
+        guard !argument.hasPrefix("/"), let eq = argument.firstIndex(of: "=") else { return ("", argument) }
+        return (String(argument[..<eq]), String(argument[argument.index(after: eq)...]))
     }
 
     func write(_ text: String, to path: String) throws {

@@ -19,7 +19,7 @@ struct CLITests {
 
     /// posix_spawn()s the binary (or `program` with the binary's path as an
     /// argument) and collects its output; bounded (kills after 300 s).
-    static func run(_ args: [String], via program: [String] = []) throws -> Output {
+    static func run(_ args: [String], via program: [String] = [], binary: Bool = true) throws -> Output {
         var outPipe: [Int32] = [-1, -1], errPipe: [Int32] = [-1, -1]
         guard pipe(&outPipe) == 0, pipe(&errPipe) == 0 else { throw CaseSkip("pipe failed") }
         var actions = posix_spawn_file_actions_t()
@@ -28,14 +28,14 @@ struct CLITests {
         posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
         posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
         for fd in outPipe + errPipe { posix_spawn_file_actions_addclose(&actions, fd) }
-        let command = program + [binary.path] + args
+        let command = program + (binary ? [Self.binary.path] : []) + args
         let argv = command.map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0
         let r = posix_spawn(&pid, command[0], &actions, nil, argv, environ)
         close(outPipe[1])
         close(errPipe[1])
-        guard r == 0 else { throw CaseSkip("posix_spawn \(binary.path): \(r)") }
+        guard r == 0 else { throw CaseSkip("posix_spawn \(command[0]): \(r)") }
         var out = [UInt8](), err = [UInt8]()
         var fds = [pollfd(fd: outPipe[0], events: Int16(POLLIN), revents: 0), pollfd(fd: errPipe[0], events: Int16(POLLIN), revents: 0)]
         let deadline = ContinuousClock.now + .seconds(300)
@@ -104,11 +104,13 @@ struct CLITests {
         #expect(o.stdout.contains("Exit status of `run`"))
     }
 
-    /// Checks KTAP v1 shape: version, plan, numbered results matching the plan, totals.
+    /// Checks the KTAP shape: the header, the plan on the next line, numbered
+    /// results matching the plan, totals.
     static func checkKTAP(_ text: String) -> (results: [String], totals: String?) {
         let lines = text.split(separator: "\n").map(String.init)
-        #expect(lines.first == "KTAP version 1")
-        let plan = lines.first { $0.hasPrefix("1..") }
+        #expect(lines.first == KTAPReporter.header)
+        let plan = lines.dropFirst().first
+        #expect(plan?.hasPrefix("1..") == true, "the plan must follow the header: \(plan ?? "none")")
         let planned = plan.flatMap { Int($0.dropFirst(3)) }
         let results = lines.filter { $0.hasPrefix("ok ") || $0.hasPrefix("not ok ") }
         #expect(planned == results.count, "plan \(plan ?? "missing") vs \(results.count) result lines")
@@ -116,7 +118,7 @@ struct CLITests {
             let rest = r.hasPrefix("ok ") ? r.dropFirst(3) : r.dropFirst(7)
             #expect(rest.hasPrefix("\(i + 1) "), "result \(i + 1) out of order: \(r)")
         }
-        for l in lines where !(l.hasPrefix("ok ") || l.hasPrefix("not ok ") || l.hasPrefix("#") || l.hasPrefix("1..") || l.hasPrefix("KTAP")) {
+        for l in lines where !(l.hasPrefix("ok ") || l.hasPrefix("not ok ") || l.hasPrefix("#") || l.hasPrefix("1..") || l == KTAPReporter.header) {
             Issue.record("not a KTAP line: \(l)")
         }
         return (results, lines.last { $0.hasPrefix("# Totals:") })
@@ -136,6 +138,61 @@ struct CLITests {
         let expected: Int32 = fail > 0 ? 1 : error > 0 ? 2 : skip == results.count ? 4 : 0
         #expect(o.status == expected)
         #expect(o.stdout.contains("# total: "))
+    }
+
+    @Test("an empty selection is a usage error that says why, with or without a worker")
+    func emptySelection() throws {
+        for (args, why) in [(["--exclude", "*"], "--exclude leaves out every selected case"),
+                            (["--tag", "ksm", "--tag", "hugetlb"], "no case carries all of the tags ksm, hugetlb"),
+                            (["--filter", "*hugetlb-1048576k"], "add --slow"),
+                            (["--in-process", "--exclude", "*"], "--exclude leaves out every selected case")] {
+            let o = try Self.run(["run"] + args)
+            #expect(o.status == 2, "\(args): exit \(o.status)")
+            #expect(o.stderr.contains(why), "\(args): \(o.stderr)")
+            #expect(o.stdout.isEmpty, "\(args) printed \(o.stdout)")
+        }
+    }
+
+    @Test("bad matrix arguments are usage errors, and an endless input is refused")
+    func matrixInput() throws {
+        for arg in ["x=", "=", "LABEL="] {
+            let o = try Self.cowpin("matrix", "--expected", "data/expected-verdicts.json", arg)
+            #expect(o.status == 2 && o.stderr.contains("names no result file"), "\(arg): \(o.status) \(o.stderr)")
+        }
+        let zero = try Self.cowpin("matrix", "--expected", "data/expected-verdicts.json", "/dev/zero")
+        #expect(zero.status == 2 && zero.stderr.contains("larger than"), "\(zero.status) \(zero.stderr)")
+        let bisect = try Self.cowpin("run", "--bisect", "cow/fork-parent-writes/anon-page", "--filter", "vmsplice/*")
+        #expect(bisect.status == 2 && bisect.stderr.contains("--bisect runs the one case it names"))
+        let text = try Self.cowpin("run", "--format", "text")
+        #expect(text.status == 2)
+        let help = try Self.cowpin("run", "--help")
+        #expect(help.stdout.contains("ktap or json") && !help.stdout.contains("text"))
+    }
+
+    /// tap.py (Debian python3-tap), a generic TAP consumer: scripts/setup
+    /// installs it. Its command-line consumer, run with the system Python.
+    static let tappy: [String]? = access("/usr/lib/python3/dist-packages/tap/main.py", R_OK) == 0
+        ? ["/usr/bin/python3", "-c", "import sys; from tap.main import main; sys.exit(main(sys.argv))"] : nil
+
+    @Test("a real TAP parser (tap.py) accepts a full run and reports a cut one as incomplete",
+          .enabled(if: tappy != nil, "tap.py is not installed (scripts/setup installs it)"))
+    func tapParser() throws {
+        let o = try Self.cowpin("run", "--filter", "cow/fork-parent-writes/*")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cowpin-tap-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let full = dir.appendingPathComponent("full.tap"), cut = dir.appendingPathComponent("cut.tap")
+        try o.stdout.write(to: full, atomically: true, encoding: .utf8)
+        // A run that died after its tenth result.
+        let lines = o.stdout.split(separator: "\n", omittingEmptySubsequences: false)
+        let tenth = lines.firstIndex { $0.hasPrefix("ok 10 ") || $0.hasPrefix("not ok 10 ") }!
+        try (lines[...tenth].joined(separator: "\n") + "\n").write(to: cut, atomically: true, encoding: .utf8)
+        let planned = try Selection(filters: ["cow/fork-parent-writes/*"]).select().count
+        let whole = try Self.run([full.path], via: Self.tappy!, binary: false).status
+        #expect(whole == 0, "tap.py rejected a full run")
+        let short = try Self.run([cut.path], via: Self.tappy!, binary: false)
+        #expect(short.status != 0, "tap.py accepted a run cut after 10 of \(planned) results")
+        #expect((short.stdout + short.stderr).contains("Expected \(planned) tests but only 10 ran"))
     }
 
     @Test func repeatNumbersEveryRun() throws {

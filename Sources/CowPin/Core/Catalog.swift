@@ -53,11 +53,17 @@ public struct Selection: Sendable, Equatable {
         for t in tags where !known.contains(t) {
             throw Unmatched(description: "unknown tag '\(t)'; known tags: \(known.sorted().joined(separator: ", "))")
         }
-        return cases.filter { c in
-            (filters.isEmpty || filters.contains { Self.glob($0, c.id) })
-                && tags.allSatisfy { c.tags.contains($0) }
-                && !excludes.contains { Self.glob($0, c.id) }
-                && (includeSlow || tags.contains(Self.slowTag) || !c.tags.contains(Self.slowTag))
+        let byFilter = cases.filter { c in filters.isEmpty || filters.contains { Self.glob($0, c.id) } }
+        let byTags = byFilter.filter { c in tags.allSatisfy { c.tags.contains($0) } }
+        let kept = byTags.filter { c in !excludes.contains { Self.glob($0, c.id) } }
+        let selected = kept.filter { c in includeSlow || tags.contains(Self.slowTag) || !c.tags.contains(Self.slowTag) }
+        guard selected.isEmpty else { return selected }
+        // Nothing selected: say which condition emptied the selection.
+        if byTags.isEmpty {
+            throw Unmatched(description: "no case carries all of the tags \(tags.joined(separator: ", "))"
+                + (filters.isEmpty ? "" : " among the cases the filters select"))
         }
+        if kept.isEmpty { throw Unmatched(description: "--exclude leaves out every selected case") }
+        throw Unmatched(description: "the selected cases are all tagged slow (1 GiB pages): add --slow to run them")
     }
 }

@@ -32,7 +32,7 @@ public enum Submitter: String, Sendable, CaseIterable {
     public func start(write: Bool, fd: Int32, address: UnsafeMutableRawPointer, length: Int, ring: IoUring?) throws -> InFlightIO {
         switch self {
         case .thread:
-            return ThreadIO(write: write, fd: fd, address: address, length: length)
+            return try ThreadIO(write: write, fd: fd, address: address, length: length)
         case .iouring, .iouringFixed:
             let r = try ring ?? IoUring(entries: 4)
             let op: IoUring.Opcode = self == .iouring ? (write ? .write : .read) : (write ? .writeFixed : .readFixed)
@@ -49,13 +49,13 @@ final class ThreadIO: InFlightIO {
     let how: String
     var finished = false
 
-    init(write: Bool, fd: Int32, address: UnsafeMutableRawPointer, length: Int) {
+    init(write: Bool, fd: Int32, address: UnsafeMutableRawPointer, length: Int) throws {
         how = write ? "pwritev() from a thread" : "preadv() from a thread"
-        done = try! OSPipe()
+        done = try OSPipe()
         let signal = done.writeEnd
         let result = self.result
         let addressBits = UInt(bitPattern: address)
-        startThread {
+        try startThread {
             var iov = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: addressBits), iov_len: length)
             let n = write ? pwritev(fd, &iov, 1, 0) : preadv(fd, &iov, 1, 0)
             let r = n < 0 ? -Int(errno) : n

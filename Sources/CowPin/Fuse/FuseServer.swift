@@ -218,7 +218,10 @@ public final class FuseServer {
             rmdir(point)
         }
         serving = true
-        startThread { [self] in serve() }
+        do { try startThread { [self] in serve() } } catch {
+            serving = false
+            throw error
+        }
     }
 
     deinit { shutdown() }
@@ -236,7 +239,7 @@ public final class FuseServer {
         let done = try OSPipe()
         let outcome = Locked<(fd: Int32, err: Int32)?>(nil)
         let path = filePath, pollMs = timeoutMs
-        startThread {
+        try startThread {
             let fd = open(path, O_RDWR | Int32(CP_O_DIRECT) | O_CLOEXEC)
             let err = errno
             if fd >= 0 {

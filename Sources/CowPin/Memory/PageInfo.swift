@@ -104,6 +104,12 @@ public enum PageInfo {
 
 /// The whole content of a (proc, sys) file, as bytes, or nil.
 public func readBytes(_ path: String) -> [UInt8]? {
+    try? readBytes(path, limit: Int.max)
+}
+
+/// A file's content up to `limit` bytes; a longer file (or an endless one
+/// like /dev/zero) is `InputTooLarge`, nil when it cannot be opened or read.
+public func readBytes(_ path: String, limit: Int) throws -> [UInt8]? {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return nil }
     defer { close(fd) }
@@ -112,10 +118,19 @@ public func readBytes(_ path: String) -> [UInt8]? {
     while true {
         let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
         if n < 0 && errno == EINTR { continue }
-        if n <= 0 { break }
+        if n < 0 { return nil }
+        if n == 0 { break }
+        guard data.count + n <= limit else { throw InputTooLarge(path: path, limit: limit) }
         data += chunk[0..<n]
     }
     return data
+}
+
+/// An input file over the size its reader accepts.
+public struct InputTooLarge: Error, CustomStringConvertible {
+    public var path: String
+    public var limit: Int
+    public var description: String { "\(path) is larger than \(limit / (1 << 20)) MiB: not an input cowpin reads" }
 }
 
 /// The whole content of a (proc, sys) file, or nil.

@@ -23,8 +23,10 @@ final class Locked<Value>: @unchecked Sendable {
     }
 }
 
-/// Runs `body` on a new detached thread (pthread; no Foundation).
-func startThread(_ body: @escaping () -> Void) {
+/// Runs `body` on a new detached thread (pthread; no Foundation). A thread
+/// that cannot be created (EAGAIN under a pids cgroup or RLIMIT_NPROC) is a
+/// `SyscallError`, never a trap.
+func startThread(_ body: @escaping () -> Void) throws {
     final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
     let box = Unmanaged.passRetained(Box(body)).toOpaque()
     var t = pthread_t()
@@ -33,7 +35,10 @@ func startThread(_ body: @escaping () -> Void) {
         b.body()
         return nil
     }, box)
-    precondition(r == 0, "pthread_create failed: \(r)")
+    guard r == 0 else {
+        Unmanaged<AnyObject>.fromOpaque(box).release()
+        throw SyscallError("pthread_create", errno: r)
+    }
     pthread_detach(t)
 }
 

@@ -1,5 +1,9 @@
-/// KTAP v1, streamed: one result line as each case finishes, the evidence as
-/// diagnostic lines before it, and kselftest's totals line at the end.
+/// KTAP, streamed: one result line as each case finishes, the evidence as
+/// diagnostic lines before it, and kselftest's totals line at the end. The
+/// header is kselftest's own `TAP version 13`, which KTAP parsers (the
+/// kernel's KUnit parser) and generic TAP parsers both accept, and the plan
+/// follows it at once: a parser that reads the plan reports a run cut short
+/// (a panic, a kill) as incomplete.
 public final class KTAPReporter: Reporter {
     let write: (String) -> Void
     let timing: Bool
@@ -12,10 +16,12 @@ public final class KTAPReporter: Reporter {
     }
 
     public func begin(planned: Int, probe: Probe) {
-        write("KTAP version 1")
-        write("# cowpin \(Catalog.version) on Linux \(probe.kernel.release) (\(probe.kernel.machine)), euid \(probe.privileges.euid)")
+        write(Self.header)
         write("1..\(planned)")
+        write("# cowpin \(Catalog.version) on Linux \(probe.kernel.release) (\(probe.kernel.machine)), euid \(probe.privileges.euid)")
     }
+
+    public static let header = "TAP version 13"
 
     public func finished(_ r: CaseResult, number: Int) {
         let name = repeatCount > 1 ? "\(r.id) (run \(r.iteration) of \(repeatCount))" : r.id

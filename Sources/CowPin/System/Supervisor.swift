@@ -78,7 +78,7 @@ public final class Supervisor {
     /// they need, and those that run alone, each group in the order of its
     /// first case.
     public func phases() -> [Phase] {
-        let all = Array(1...planned)
+        let all = Array(1..<(planned + 1))
         guard jobs > 1 else { return [Phase(needs: nil, numbers: all)] }
         var list: [Phase] = []
         var index: [SharedNeeds?: Int] = [:]

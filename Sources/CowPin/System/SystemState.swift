@@ -331,13 +331,14 @@ public enum Emergency {
     /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (call before any other
     /// thread starts, so all inherit it) and handles them on a thread of
     /// their own: clean up, report what was restored on stderr, exit 128+signal.
-    public static func installSignalHandling() {
+    public static func installSignalHandling() throws {
         var set = sigset_t()
         sigemptyset(&set)
         for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
         pthread_sigmask(SIG_BLOCK, &set, nil)
         let blocked = set
-        startThread {
+        do {
+          try startThread {
             var s = blocked
             var sig: Int32 = 0
             while sigwait(&s, &sig) != 0 {}
@@ -351,6 +352,11 @@ public enum Emergency {
             msg += done.isEmpty ? "nothing to restore" : done.joined(separator: "; ")
             fputs(msg + "\n", stderr)
             _exit(128 + sig)
+          }
+        } catch {
+            // No signal thread: leave the signals as they were.
+            pthread_sigmask(SIG_UNBLOCK, &set, nil)
+            throw error
         }
     }
 }

@@ -37,6 +37,23 @@ struct StateTests {
         #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(getpid())"))
     }
 
+    @Test("a knob changed twice in a case is journaled once, with its value from before the case, and is back after it")
+    func changedTwice() throws {
+        guard let before = Self.knobValueIfRoot() else { return }
+        let first = Self.other(than: before), second = first == "4096" ? "4094" : "4093"
+        let journal = SystemState.directory + "/journal-\(getpid())"
+        let s = Scenario(id: "selftest/knob-twice", summary: "", steps: [], tags: ["selftest"]) { _ in
+            try SystemState.shared.set(Self.knob, first)
+            try SystemState.shared.set(Self.knob, second)
+            #expect(Self.shown(Self.knob) == second)
+            let lines = ((try? String(contentsOfFile: journal, encoding: .utf8)) ?? "").split(separator: "\n")
+            #expect(lines == ["knob\t\(Self.knob)\t\(before)"], "journal: \(lines)")
+        }
+        #expect(Runner().run(Case(scenario: s, backing: .anonPage)).verdict == .coherent)
+        #expect(Self.shown(Self.knob) == before)
+        #expect(!FileManager.default.fileExists(atPath: journal))
+    }
+
     @Test("the journal of a SIGKILLed process is restored by the next run")
     func recoveredAfterKill() throws {
         guard let before = Self.knobValueIfRoot() else { return }

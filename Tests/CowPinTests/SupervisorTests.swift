@@ -158,9 +158,10 @@ struct SupervisorTests {
         // something to clean up in each. Where the 64 KiB mTHP knob exists,
         // the supervisor has set it for the phase those cases run in; where
         // it does not (before 6.8), the mTHP cases skip one at a time first
-        // (260 case runs: under QEMU TCG that alone took 50-80 s with 100
-        // repetitions) and the O_DIRECT cases of the next phase run side by
-        // side. Ten repetitions leave 1750 O_DIRECT case runs after the hold.
+        // (26 case runs a repetition; with 100 repetitions the hold came
+        // 53 s after the start under QEMU TCG) and the O_DIRECT cases of the
+        // next phase run side by side. Ten repetitions leave 1750 O_DIRECT
+        // case runs after the hold.
         let fuse = FuseTests.usable == nil
         var workers: [pid_t] = []
         let held = waitUntil(seconds: 120) {

@@ -247,8 +247,11 @@ struct Explain: ParsableCommand {
     @Argument(help: "A case id (see `cowpin list`).")
     var caseID: String
 
-    @Option(help: ArgumentHelp("The expected-verdict file (upstream history).", valueName: "path"))
-    var expected = "data/expected-verdicts.json"
+    @Option(help: ArgumentHelp("The expected-verdict file (upstream history; default: the checkout's data/expected-verdicts.json).", valueName: "path"))
+    var expected = ExpectedVerdicts.defaultPath()
+
+    @Option(help: ArgumentHelp("Say what history expects on this kernel release (default: the running kernel's).", valueName: "release"))
+    var release: String?
 
     func run() throws {
         guard let c = Catalog.find(caseID) else {
@@ -264,11 +267,42 @@ struct Explain: ParsableCommand {
         print("  (the evidence names the view, the byte ranges, and whose data is there); skip = cannot run here, with the reason;")
         print("  error = the harness failed, not a finding about the kernel.")
         if let k = c.scenario.knownIssue { print("  known unfixed upstream: \(k.reason) [\(k.reference)]") }
-        if let history = try? ExpectedVerdicts.load(expected), let f = history.family(of: c.id) {
+        let history: ExpectedVerdicts
+        do { history = try ExpectedVerdicts.load(expected) } catch {
+            print("  upstream history: unavailable (\(error))")
+            return
+        }
+        if let f = history.family(of: c.id) {
             print("  upstream history (\(f.cases)): \(f.history)")
-            print("  expected: " + (f.coherentSince.map { "decoherent before \($0), coherent since" } ?? "coherent on every kernel"))
-            if let fix = f.fix { print("  fix: \(fix)") }
+            var verdict = f.initially ?? .coherent
+            var line = "\(verdict.rawValue) on 5.4"
+            let steps = (f.steps ?? []).compactMap { s in history.changes[s.change].map { (s, $0) } }
+                .sorted { (KernelVersion($0.1.release) ?? KernelVersion("0.0")!) < (KernelVersion($1.1.release) ?? KernelVersion("0.0")!) }
+            for (s, ch) in steps {
+                if let b = s.becomes {
+                    verdict = b
+                    line += "; \(verdict.rawValue) since \(ch.release)"
+                } else {
+                    line += "; unknown since \(ch.release) (\(s.unknown ?? ""))"
+                }
+            }
+            print("  timeline: \(line)")
+            for (_, ch) in steps { print("  change: \(ch.citation): \(ch.mechanism)") }
+            if let u = f.unknownBefore { print("  unknown before \(u): \(f.unknownWhy ?? "check the kernel")") }
+            let release = self.release ?? CowPin.Probe.current().kernel.release
+            switch history.expectation(c.id, release: release) {
+            case .verdict(let k, let because)?: print("  expected on \(release): \(k.rawValue) (\(because))")
+            case .unknown(let why)?: print("  expected on \(release): unknown (\(why))")
+            case nil: break
+            }
             for (kernel, seen) in (f.observed ?? [:]).sorted(by: { $0.key < $1.key }) { print("  measured on \(kernel): \(seen)") }
+        }
+        if let p = history.policy(of: c.id) {
+            print("  policy (\(p.cases)): \(p.history)")
+            let release = self.release ?? CowPin.Probe.current().kernel.release
+            if let (allowance, because) = history.expectedPolicy(c.id, release: release) {
+                print("  upstream's rule on \(release): the pin \(allowance) (\(because))")
+            }
         }
     }
 }
@@ -278,14 +312,24 @@ struct MatrixCommand: ParsableCommand {
         commandName: "matrix",
         abstract: "Tabulate `cowpin run --format json` results of several kernels against upstream history.",
         discussion: """
-            Each RESULT is LABEL=FILE (or FILE, labelled by its kernel release). A cell is expected, \
-            a regression (decoherent where history says fixed), newly fixed (coherent where history says broken), \
-            skip, error or missing. Exit status: 0, or 1 with --check when a cell is a regression, newly fixed or error, \
-            or when a case matched by --require-ran was not run.
+            Each RESULT is LABEL=FILE (or FILE, labelled by its kernel release). Against upstream history \
+            (data/expected-verdicts.json) a cell is expected, a REGRESSION (decoherent where history says fixed), \
+            newly fixed (coherent where history says broken), unknown (history cannot decide on that release), \
+            skip, error or missing. With --baseline LABEL every column is judged against that run instead, \
+            no history needed: unchanged, NEWLY DECOHERENT, newly coherent. A pin taken or refused (policy) is \
+            compared apart and never counts as decoherent. Exit status: 0; 1 with --check when a cell is \
+            a regression, newly fixed, newly decoherent or coherent, unknown or an error, when a case matched by \
+            --require-ran was not run, or (with --check-policy) when a policy differs; 2 for bad input.
             """)
 
-    @Option(help: ArgumentHelp("The expected-verdict file.", valueName: "path"))
-    var expected = "data/expected-verdicts.json"
+    @Option(help: ArgumentHelp("The expected-verdict file (default: the checkout's data/expected-verdicts.json).", valueName: "path"))
+    var expected = ExpectedVerdicts.defaultPath()
+
+    @Option(help: ArgumentHelp("Judge every column against the run with this label (a base kernel), not against history.", valueName: "label"))
+    var baseline: String?
+
+    @Flag(name: .customLong("check-policy"), help: "With --check: also fail when a pin was taken or refused against the rule (or the baseline).")
+    var checkPolicy = false
 
     @Option(help: ArgumentHelp("Write the table as Markdown here (default: standard output).", valueName: "path"))
     var markdown: String?
@@ -293,7 +337,7 @@ struct MatrixCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Write the table as JSON here.", valueName: "path"))
     var json: String?
 
-    @Flag(help: "Fail (exit 1) on a regression, a newly fixed case or an error.")
+    @Flag(help: "Fail (exit 1) on a regression, a newly fixed or unknown cell, a change against the baseline, or an error.")
     var check = false
 
     @Option(name: .customLong("require-ran"), help: ArgumentHelp("With --check: cases matching this glob must have run (repeatable).", valueName: "glob"))
@@ -307,8 +351,6 @@ struct MatrixCommand: ParsableCommand {
     }
 
     func run() throws {
-        let history: ExpectedVerdicts
-        do { history = try ExpectedVerdicts.load(expected) } catch { throw ValidationError("\(error)") }
         var runs: [(label: String, doc: JSONReporter.Document)] = []
         for r in results {
             let (label, path) = Self.split(r)
@@ -322,14 +364,30 @@ struct MatrixCommand: ParsableCommand {
             }
             runs.append((label.isEmpty ? doc.kernel.release : label, doc))
         }
-        let m = Matrix(expected: history, runs: runs)
+        let m: Matrix
+        if let baseline {
+            guard runs.contains(where: { $0.label == baseline }) else {
+                throw ValidationError("--baseline \(baseline) names none of the results (\(runs.map(\.label).joined(separator: ", ")))")
+            }
+            m = Matrix(baseline: baseline, runs: runs)
+        } else {
+            let history: ExpectedVerdicts
+            do { history = try ExpectedVerdicts.load(expected) } catch { throw ValidationError("\(error)") }
+            m = Matrix(expected: history, runs: runs)
+        }
         if let markdown { try write(m.markdown + "\n", to: markdown) } else { print(m.markdown) }
         if let json { try write(JSONReporter.encode(m) + "\n", to: json) }
         guard check else { return }
         var failures: [String] = []
         for (i, c) in m.columns.enumerated() {
-            for row in m.rows where [.regression, .newlyFixed, .error].contains(row.cells[i].mark) {
-                failures.append("\(c.label): \(row.id) is \(row.cells[i].verdict?.rawValue ?? "?") (\(row.cells[i].mark.rawValue))")
+            for row in m.rows where Matrix.failing.contains(row.cells[i].mark) {
+                let cell = row.cells[i]
+                failures.append("\(c.label): \(row.id) is \(cell.verdict?.rawValue ?? "?") (\(cell.mark.rawValue)\(cell.because.map { "; \($0)" } ?? ""))")
+            }
+            for row in m.rows where row.cells[i].policyMark == .differs {
+                let cell = row.cells[i]
+                let line = "\(c.label): \(row.id): the pin was \(cell.policy ?? "?") where \(m.baseline == nil ? "upstream's rule says" : "the baseline had") \(cell.policyExpected ?? "?")"
+                if checkPolicy { failures.append(line) } else { fputs("matrix: policy: \(line)\n", stderr) }
             }
             for g in requireRan {
                 let matching = m.rows.filter { Selection.glob(g, $0.id) }

@@ -33,9 +33,12 @@ public final class JSONReporter: Reporter {
         public var durationMs: Double
         /// What a case without evidence recorded about the kernel ("pin taken").
         public var notes: [String]?
+        /// A policy fact the case observed (a pin taken or refused).
+        public var policy: PolicyObservation?
 
         public init(id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, evidence: Evidence?, durationMs: Double,
-                    notes: [String]? = nil) {
+                    notes: [String]? = nil, policy: PolicyObservation? = nil) {
+            self.policy = policy
             self.id = id
             self.iteration = iteration
             self.verdict = verdict
@@ -57,7 +60,7 @@ public final class JSONReporter: Reporter {
     public func finished(_ r: CaseResult, number: Int) {
         results.append(Result(id: r.id, iteration: r.iteration, verdict: r.verdict.kind, reason: r.verdict.reason,
                               evidence: r.verdict.evidence, durationMs: Double(r.durationNs) / 1e6,
-                              notes: r.notes.isEmpty ? nil : r.notes))
+                              notes: r.notes.isEmpty ? nil : r.notes, policy: r.policy))
     }
 
     public func end(_ totals: Totals) {

@@ -4,74 +4,40 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// What upstream history says a case family should show (data/expected-verdicts.json).
-public struct ExpectedVerdicts: Codable, Sendable {
-    public struct Family: Codable, Sendable {
-        /// fnmatch glob over case ids.
-        public var cases: String
-        /// First mainline release expected coherent; nil: coherent everywhere.
-        public var coherentSince: String?
-        public var history: String
-        public var fix: String?
-        public var observed: [String: String]?
-    }
-
-    public var about: String?
-    public var families: [Family]
-
-    public static func load(_ path: String) throws -> ExpectedVerdicts {
-        guard let bytes = readBytes(path) else { throw HarnessError("cannot read \(path)") }
-        do {
-            return try JSONDecoder().decode(ExpectedVerdicts.self, from: Data(bytes))
-        } catch {
-            throw HarnessError("\(path) is not a valid expected-verdict file: \(error)")
-        }
-    }
-
-    public func family(of id: String) -> Family? { families.first { Selection.glob($0.cases, id) } }
-
-    /// coherent or decoherent for this case on a kernel release, nil when unknown.
-    public func expected(_ id: String, release: String) -> Verdict.Kind? {
-        guard let f = family(of: id) else { return nil }
-        guard let since = f.coherentSince else { return .coherent }
-        guard let v = KernelVersion(release), let s = KernelVersion(since) else { return nil }
-        return v >= s ? .coherent : .decoherent
-    }
-}
-
-/// major.minor[.patch] of a kernel release string ("6.1.0-56-amd64", "6.18.44-foo").
-public struct KernelVersion: Comparable, Sendable, CustomStringConvertible {
-    public var parts: [Int]
-    public init?(_ release: String) {
-        let head = release.prefix { $0.isNumber || $0 == "." }
-        let p = head.split(separator: ".").compactMap { Int($0) }
-        guard p.count >= 2 else { return nil }
-        parts = Array(p.prefix(3))
-    }
-    /// 6.2 == 6.2.0.
-    public static func == (a: KernelVersion, b: KernelVersion) -> Bool { !(a < b) && !(b < a) }
-    public static func < (a: KernelVersion, b: KernelVersion) -> Bool {
-        for i in 0..<max(a.parts.count, b.parts.count) {
-            let x = i < a.parts.count ? a.parts[i] : 0, y = i < b.parts.count ? b.parts[i] : 0
-            if x != y { return x < y }
-        }
-        return false
-    }
-    public var description: String { parts.map(String.init).joined(separator: ".") }
-}
-
-/// Case x kernel table: what each kernel showed, against what history expects.
+/// Case x kernel table. Each cell is judged one of two ways:
+/// - against upstream history (`ExpectedVerdicts`): expected, regression,
+///   newly fixed, or unknown where history cannot decide;
+/// - against a baseline column (`baseline:`), for a base and a patched
+///   kernel: unchanged, newly decoherent, newly coherent. This needs no
+///   history at all.
+/// Policy facts (a pin taken or refused) are judged beside the verdict, in
+/// `Cell.policyMark`, never as a regression.
 public struct Matrix: Codable, Sendable {
-    public enum Mark: String, Codable, Sendable {
+    public enum Mark: String, Codable, Sendable, CaseIterable {
         /// As history says.
         case expected
         /// Decoherent where history says fixed.
         case regression
         /// Coherent where history says broken.
         case newlyFixed = "newly-fixed"
-        /// Decoherent or coherent with no history for it.
+        /// History cannot decide on this kernel, or has no rule for the case.
         case unknown
+        /// Baseline mode: the same verdict as on the baseline kernel.
+        case unchanged
+        /// Baseline mode: decoherent here, coherent on the baseline.
+        case newlyDecoherent = "newly-decoherent"
+        /// Baseline mode: coherent here, decoherent on the baseline.
+        case newlyCoherent = "newly-coherent"
         case skip, error, missing
+    }
+
+    public enum PolicyMark: String, Codable, Sendable {
+        /// As upstream's rule (or the baseline) says.
+        case expected
+        /// Taken where the rule says refused, or the other way round.
+        case differs
+        /// No rule for the case or the release.
+        case unknown
     }
 
     public struct Cell: Codable, Sendable {
@@ -79,12 +45,17 @@ public struct Matrix: Codable, Sendable {
         public var expected: Verdict.Kind?
         public var mark: Mark
         public var reason: String?
+        /// History's reasoning for this release ("coherent since 5.19: ...").
+        public var because: String?
+        /// The policy fact the case observed, if any ("taken", "refused (EFAULT)").
+        public var policy: String?
+        public var policyExpected: String?
+        public var policyMark: PolicyMark?
     }
 
     public struct Row: Codable, Sendable {
         public var id: String
         public var family: String?
-        public var fix: String?
         public var cells: [Cell]
     }
 
@@ -95,66 +66,144 @@ public struct Matrix: Codable, Sendable {
 
     public var columns: [Column]
     public var rows: [Row]
+    /// The label of the baseline column, in baseline mode.
+    public var baseline: String?
 
-    public init(expected: ExpectedVerdicts, runs: [(label: String, doc: JSONReporter.Document)]) {
-        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+    public typealias Run = (label: String, doc: JSONReporter.Document)
+
+    /// The case ids of the runs, in catalog order (unknown ids after).
+    static func ids(_ runs: [Run]) -> [String] {
         var ids: [String] = []
         var seen = Set<String>()
-        for id in Catalog.all.map(\.id) + runs.flatMap({ $0.doc.results.map(\.id) }) where !seen.contains(id) {
-            if runs.contains(where: { $0.doc.results.contains { $0.id == id } }) {
-                ids.append(id)
-                seen.insert(id)
-            }
+        let ran = Set(runs.flatMap { $0.doc.results.map(\.id) })
+        for id in Catalog.all.map(\.id) + runs.flatMap({ $0.doc.results.map(\.id) }) where ran.contains(id) && !seen.contains(id) {
+            ids.append(id)
+            seen.insert(id)
         }
-        rows = ids.map { id in
-            let f = expected.family(of: id)
+        return ids
+    }
+
+    /// Judged against upstream history.
+    public init(expected history: ExpectedVerdicts, runs: [Run]) {
+        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+        rows = Self.ids(runs).map { id in
             let cells = runs.map { run -> Cell in
-                let want = expected.expected(id, release: run.doc.kernel.release)
-                guard let r = run.doc.results.last(where: { $0.id == id }) else {
-                    return Cell(verdict: nil, expected: want, mark: .missing, reason: nil)
+                let release = run.doc.kernel.release
+                let want = history.expectation(id, release: release)
+                var cell = Cell(verdict: nil, expected: want?.kind, mark: .missing, reason: nil)
+                switch want {
+                case .verdict(_, let because)?: cell.because = because
+                case .unknown(let why)?: cell.because = why
+                case nil: cell.because = "no history for this case"
                 }
-                return Cell(verdict: r.verdict, expected: want, mark: Self.mark(r.verdict, want), reason: r.reason)
+                guard let r = run.doc.results.last(where: { $0.id == id }) else { return cell }
+                cell.verdict = r.verdict
+                cell.reason = r.reason
+                cell.mark = Self.mark(r.verdict, want)
+                if let p = r.policy {
+                    cell.policy = p.allowance.description
+                    if let (allowance, because) = history.expectedPolicy(id, release: release) {
+                        cell.policyExpected = "\(allowance)"
+                        cell.policyMark = allowance == p.allowance ? .expected : .differs
+                        if allowance != p.allowance { cell.because = "upstream's rule: \(because)" }
+                    } else {
+                        cell.policyMark = .unknown
+                    }
+                }
+                return cell
             }
-            return Row(id: id, family: f?.cases, fix: f?.fix, cells: cells)
+            return Row(id: id, family: history.family(of: id)?.cases, cells: cells)
         }
     }
 
-    static func mark(_ got: Verdict.Kind, _ want: Verdict.Kind?) -> Mark {
+    /// Judged against the column labelled `baseline` (which must be one of the runs).
+    public init(baseline: String, runs: [Run]) {
+        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+        self.baseline = baseline
+        let base = runs.first { $0.label == baseline }
+        rows = Self.ids(runs).map { id in
+            let b = base?.doc.results.last { $0.id == id }
+            let cells = runs.map { run -> Cell in
+                guard let r = run.doc.results.last(where: { $0.id == id }) else {
+                    return Cell(verdict: nil, expected: b?.verdict, mark: .missing, reason: nil)
+                }
+                var cell = Cell(verdict: r.verdict, expected: b?.verdict, mark: Self.mark(r.verdict, baseline: b?.verdict), reason: r.reason)
+                if let p = r.policy {
+                    cell.policy = p.allowance.description
+                    if let bp = b?.policy {
+                        cell.policyExpected = bp.allowance.description
+                        cell.policyMark = bp.allowance == p.allowance ? .expected : .differs
+                    } else {
+                        cell.policyMark = .unknown
+                    }
+                }
+                return cell
+            }
+            return Row(id: id, family: nil, cells: cells)
+        }
+    }
+
+    static func mark(_ got: Verdict.Kind, _ want: ExpectedVerdicts.Expectation?) -> Mark {
         switch got {
         case .skip: return .skip
         case .error: return .error
-        case .xfail, .xpass: return .expected
-        case .coherent, .decoherent:
-            guard let want else { return .unknown }
-            if got == want { return .expected }
-            return got == .decoherent ? .regression : .newlyFixed
+        default: break
         }
+        guard case .verdict(let w, _)? = want else { return .unknown }
+        // XFAIL is decoherence upstream documents as unfixed, XPASS its absence.
+        let broken: (Verdict.Kind) -> Bool = { $0 == .decoherent || $0 == .xfail }
+        if broken(got) == broken(w) { return .expected }
+        return broken(got) ? .regression : .newlyFixed
+    }
+
+    static func mark(_ got: Verdict.Kind, baseline: Verdict.Kind?) -> Mark {
+        switch got {
+        case .skip: return .skip
+        case .error: return .error
+        default: break
+        }
+        guard let b = baseline, ![.skip, .error].contains(b) else { return .unknown }
+        let broken: (Verdict.Kind) -> Bool = { $0 == .decoherent || $0 == .xfail }
+        if broken(got) == broken(b) { return .unchanged }
+        return broken(got) ? .newlyDecoherent : .newlyCoherent
     }
 
     public func count(_ m: Mark, column: Int) -> Int { rows.filter { $0.cells[column].mark == m }.count }
+    public func policyDifferences(column: Int) -> Int { rows.filter { $0.cells[column].policyMark == .differs }.count }
+
+    /// The marks a `--check` fails on.
+    public static let failing: Set<Mark> = [.regression, .newlyFixed, .unknown, .newlyDecoherent, .newlyCoherent, .error]
 
     public var markdown: String {
         var l: [String] = []
+        if let baseline { l.append("Judged against the baseline kernel `\(baseline)`.\n") }
         l.append("| case | " + columns.map { "\($0.label) (\($0.release))" }.joined(separator: " | ") + " |")
         l.append("|---|" + columns.map { _ in "---|" }.joined())
         for r in rows {
             let cells = r.cells.map { c -> String in
-                let v = c.verdict?.rawValue ?? "not run"
+                var v = c.verdict?.rawValue ?? "not run"
                 switch c.mark {
-                case .expected: return v
-                case .regression: return "**\(v): REGRESSION**"
-                case .newlyFixed: return "**\(v): newly fixed**"
-                case .unknown: return "\(v) (no history)"
-                case .skip, .error, .missing: return v
+                case .expected, .unchanged, .skip, .error, .missing: break
+                case .regression: v = "**\(v): REGRESSION**"
+                case .newlyFixed: v = "**\(v): newly fixed**"
+                case .newlyDecoherent: v = "**\(v): NEWLY DECOHERENT**"
+                case .newlyCoherent: v = "**\(v): newly coherent**"
+                case .unknown: v = "\(v) (unknown: \(c.because ?? "no baseline verdict"))"
                 }
+                if let p = c.policy {
+                    v += c.policyMark == .differs ? "; pin **\(p), rule says \(c.policyExpected ?? "?")**" : "; pin \(p)"
+                }
+                return v
             }
             l.append("| `\(r.id)` | " + cells.joined(separator: " | ") + " |")
         }
         l.append("")
+        let marks: [Mark] = baseline == nil
+            ? [.expected, .regression, .newlyFixed, .unknown, .skip, .error, .missing]
+            : [.unchanged, .newlyDecoherent, .newlyCoherent, .unknown, .skip, .error, .missing]
         for (i, c) in columns.enumerated() {
-            let counts = [Mark.expected, .regression, .newlyFixed, .unknown, .skip, .error, .missing]
-                .map { "\($0.rawValue) \(count($0, column: i))" }.joined(separator: ", ")
-            l.append("- \(c.label) (\(c.release)): \(counts)")
+            let counts = marks.map { "\($0.rawValue) \(count($0, column: i))" } + ["policy differs \(policyDifferences(column: i))"]
+            l.append("- \(c.label) (\(c.release)): \(counts.joined(separator: ", "))")
         }
         return l.joined(separator: "\n")
     }

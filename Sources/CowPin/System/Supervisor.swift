@@ -582,6 +582,7 @@ public struct WorkerResult: Codable, Equatable {
     public var durationNs: UInt64
     public var phases: Phases?
     public var notes: [String]?
+    public var policy: PolicyObservation?
 
     init(number: Int, id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, reference: String?, evidence: Evidence?,
          durationNs: UInt64, phases: Phases?, notes: [String]?) {
@@ -600,6 +601,7 @@ public struct WorkerResult: Codable, Equatable {
     public init(_ r: CaseResult, number: Int) {
         self.number = number
         notes = r.notes.isEmpty ? nil : r.notes
+        policy = r.policy
         id = r.id
         iteration = r.iteration
         verdict = r.verdict.kind
@@ -625,7 +627,7 @@ public struct WorkerResult: Codable, Equatable {
         case .xpass: v = .xpass(reason: reason ?? "", reference: reference ?? "")
         case .error: v = .error(reason ?? "")
         }
-        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases, notes: notes ?? [])
+        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases, notes: notes ?? [], policy: policy)
     }
 }
 
@@ -675,7 +677,7 @@ public final class WorkerChannel: Reporter {
     /// The message line of a result.
     public static func resultLine(_ r: CaseResult, number: Int, encoder: JSONEncoder = JSONEncoder()) -> String {
         let w = WorkerResult(r, number: number)
-        guard w.evidence == nil && w.notes == nil else {
+        guard w.evidence == nil && w.notes == nil && w.policy == nil else {
             return (try? encoder.encode(WorkerMessage(result: w))).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
         }
         let phases = w.phases.map { "\($0.memoryNs),\($0.scenarioNs),\($0.cleanupNs)" } ?? ""

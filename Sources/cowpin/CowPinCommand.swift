@@ -65,9 +65,9 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
     case ktap, json, text
 }
 
-/// `run`'s formats: KTAP streams; JSON is one document at the end.
+/// `run`'s formats: KTAP and JSON Lines stream; JSON is one document at the end.
 enum RunFormat: String, ExpressibleByArgument, CaseIterable {
-    case ktap, json
+    case ktap, json, jsonl
 }
 
 struct Run: ParsableCommand {
@@ -75,7 +75,7 @@ struct Run: ParsableCommand {
 
     @OptionGroup var selection: SelectionOptions
 
-    @Option(help: ArgumentHelp("Output format: ktap or json.", valueName: "format"))
+    @Option(help: ArgumentHelp("Output format: ktap (streamed), jsonl (JSON Lines, streamed: a header, one object per case, totals) or json (one document at the end).", valueName: "format"))
     var format: RunFormat = .ktap
 
     @Option(name: .customLong("repeat"), help: ArgumentHelp("Run the selection N times.", valueName: "N"))
@@ -127,8 +127,12 @@ struct Run: ParsableCommand {
             print(line)
             fflush(stdout)
         }
-        let reporter: Reporter = format == .json ? JSONReporter(write: out)
-                                                 : KTAPReporter(timing: timing, repeatCount: repeatCount, write: out)
+        let reporter: Reporter
+        switch format {
+        case .json: reporter = JSONReporter(write: out)
+        case .jsonl: reporter = JSONLinesReporter(write: out)
+        case .ktap: reporter = KTAPReporter(timing: timing, repeatCount: repeatCount, write: out)
+        }
         let start = monotonicNs()
         let totals: Totals
         if inProcess {
@@ -359,8 +363,11 @@ struct MatrixCommand: ParsableCommand {
             do { read = try readBytes(path, limit: Self.maxInput) } catch { throw ValidationError("\(error)") }
             guard let bytes = read else { throw ValidationError("cannot read result file \(path)") }
             let doc: JSONReporter.Document
-            do { doc = try JSONDecoder().decode(JSONReporter.Document.self, from: Data(bytes)) } catch {
-                throw ValidationError("\(path) is not `cowpin run --format json` output: \(error)")
+            do { doc = try JSONReporter.Document.decode(bytes) } catch {
+                throw ValidationError("\(path) is not `cowpin run --format json` or `jsonl` output: \(error)")
+            }
+            if doc.complete == false {
+                fputs("matrix: \(path): the run stopped after \(doc.results.count) result(s) (no totals line); its column holds what arrived\n", stderr)
             }
             runs.append((label.isEmpty ? doc.kernel.release : label, doc))
         }

@@ -36,6 +36,10 @@ struct CatalogTests {
         let release = Self.runner.probe.kernel.release
         let want = history.expectation(id, release: release)
         let r = Self.runner.run(c)
+        if let e = r.verdict.evidence {
+            // Decoherent always means data went wrong: every finding names differing bytes.
+            #expect(!e.findings.isEmpty && e.findings.allSatisfy { $0.differingBytes > 0 && !$0.ranges.isEmpty }, "\(id): \(e.findings)")
+        }
         switch (r.verdict, want) {
         case (.coherent, .verdict(let k, let because)?) where k == .decoherent || k == .xfail:
             Issue.record("NEWLY FIXED \(id): coherent on \(release), where history expects \(k.rawValue) (\(because))")

@@ -159,6 +159,10 @@ public final class Runner {
             let extra = ctx.findings.isEmpty ? "" : " (after \(ctx.findings.count) mismatch(es) were recorded)"
             return .error("\(error)\(extra)")
         }
+        // Decoherent means bytes differed: a finding without one is a harness bug.
+        if let empty = ctx.findings.first(where: { $0.differingBytes == 0 }) {
+            return .error("a finding on \(empty.view) names no differing byte: a harness bug, not a verdict")
+        }
         switch (ctx.findings.isEmpty, c.scenario.knownIssue.flatMap { $0.applies(to: c.backing) ? $0 : nil }) {
         case (true, nil): return .coherent
         case (false, nil): return .decoherent(ctx.evidence)

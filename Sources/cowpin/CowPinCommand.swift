@@ -332,6 +332,9 @@ struct MatrixCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Judge every column against the run with this label (a base kernel), not against history.", valueName: "label"))
     var baseline: String?
 
+    @Option(help: ArgumentHelp("Write a short grid (families x backing classes, one panel per kernel) here; - for standard output.", valueName: "path"))
+    var summary: String?
+
     @Flag(name: .customLong("check-policy"), help: "With --check: also fail when a pin was taken or refused against the rule (or the baseline).")
     var checkPolicy = false
 
@@ -384,6 +387,9 @@ struct MatrixCommand: ParsableCommand {
         }
         if let markdown { try write(m.markdown + "\n", to: markdown) } else { print(m.markdown) }
         if let json { try write(JSONReporter.encode(m) + "\n", to: json) }
+        if let summary {
+            if summary == "-" { print(m.summary) } else { try write(m.summary + "\n", to: summary) }
+        }
         guard check else { return }
         var failures: [String] = []
         for (i, c) in m.columns.enumerated() {

@@ -208,3 +208,73 @@ public struct Matrix: Codable, Sendable {
         return l.joined(separator: "\n")
     }
 }
+
+/// The kind of memory a case's backing is, for the summary grid: the classes
+/// upstream's fixes are specific to.
+public enum BackingClass: String, CaseIterable, Codable, Sendable {
+    case base, thpPMD = "thp-pmd", thpPTE = "thp-pte", mthp, swapped, hugetlb, ksm, zeropage, pagecache
+
+    /// The class of a case id's backing (its last path component).
+    public static func of(_ caseID: String) -> BackingClass {
+        let b = caseID.split(separator: "/").last.map(String.init) ?? caseID
+        if b.hasSuffix("-swapped") { return .swapped }
+        if b.contains("hugetlb") && !b.hasSuffix("-private") && !caseID.hasPrefix("longterm-file/") { return .hugetlb }
+        if b == "ksm-page" { return .ksm }
+        if b.contains("zeropage") || b == "anon-unpopulated" { return .zeropage }
+        if ["memfd", "tmpfs", "ext4"].contains(where: { b.hasPrefix($0) }) { return .pagecache }
+        if b == "thp-pmd" { return .thpPMD }
+        if b.hasPrefix("mthp-") { return .mthp }
+        if b.hasPrefix("thp-") { return .thpPTE }
+        return .base
+    }
+}
+
+extension Matrix {
+    /// Families (the first component of a case id) x backing classes, one panel
+    /// per kernel: in each cell the number of cases as judged, and the marks that
+    /// need a look (R regression, F newly fixed, N newly decoherent, C newly
+    /// coherent, U unknown, E error); "-" where nothing ran. Short enough for a mail.
+    public var summary: String {
+        let classes = BackingClass.allCases
+        let families = rows.reduce(into: [String]()) { list, r in
+            let f = String(r.id.split(separator: "/").first ?? "")
+            if !list.contains(f) { list.append(f) }
+        }
+        let letters: [(Mark, String)] = [(.regression, "R"), (.newlyFixed, "F"), (.newlyDecoherent, "N"), (.newlyCoherent, "C"),
+                                         (.unknown, "U"), (.error, "E")]
+        let width = max(14, (families.map(\.count).max() ?? 0) + 1)
+        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+        var out: [String] = []
+        for (i, column) in columns.enumerated() {
+            out.append("\(column.label) (\(column.release))\(baseline.map { ", against \($0)" } ?? ", against upstream history")")
+            out.append(pad("", width) + classes.map { pad($0.rawValue, 10) }.joined().trimmingTrailingSpaces)
+            for f in families {
+                var line = pad(f, width)
+                for cls in classes {
+                    let cells = rows.filter { $0.id.hasPrefix(f + "/") && BackingClass.of($0.id) == cls }.map { $0.cells[i] }
+                    let judged = cells.filter { ![.skip, .missing].contains($0.mark) }
+                    guard !judged.isEmpty else {
+                        line += pad(cells.isEmpty ? "" : "-", 10)
+                        continue
+                    }
+                    let fine = judged.filter { $0.mark == .expected || $0.mark == .unchanged }.count
+                    let broken = judged.filter { ($0.mark == .expected || $0.mark == .unchanged) && ($0.verdict == .decoherent || $0.verdict == .xfail) }.count
+                    var text = broken > 0 ? "\(fine)(\(broken)d)" : "\(fine)"
+                    for (m, l) in letters {
+                        let n = judged.filter { $0.mark == m }.count
+                        if n > 0 { text += " \(n)\(l)" }
+                    }
+                    line += pad(text, 10)
+                }
+                out.append(line.trimmingTrailingSpaces)
+            }
+            out.append("")
+        }
+        out.append("Each cell: cases as \(baseline == nil ? "history expects" : "on the baseline") (of them d decoherent or xfail); R regression, F newly fixed, N newly decoherent, C newly coherent, U unknown, E error; - nothing ran.")
+        return out.joined(separator: "\n")
+    }
+}
+
+extension String {
+    var trimmingTrailingSpaces: String { String(reversed().drop { $0 == " " }.reversed()) }
+}

@@ -122,4 +122,28 @@ struct MatrixTests {
         #expect(m.markdown.contains("**decoherent: NEWLY DECOHERENT**"))
         #expect(m.markdown.contains("- patched (6.18.0): unchanged 1, newly-decoherent 1, newly-coherent 1, unknown 1"))
     }
+
+    @Test("the summary grid counts each family's cases per backing class and flags what needs a look")
+    func summaryGrid() throws {
+        #expect(BackingClass.of("cow/fork-parent-writes/anon-page") == .base)
+        #expect(BackingClass.of("vmsplice/unmap-in-child/thp-pmd-swapped") == .swapped)
+        #expect(BackingClass.of("iouring-fixed/fork-parent-writes/mthp-64k-partial-shared") == .mthp)
+        #expect(BackingClass.of("iouring-fixed/fork-parent-writes/thp-single-pte") == .thpPTE)
+        #expect(BackingClass.of("vfio-ro/unpopulated-write/thp-zeropage") == .zeropage)
+        #expect(BackingClass.of("iouring-fixed/pagecache-write/memfd-hugetlb-2048k-private") == .pagecache)
+        #expect(BackingClass.of("cow/fork-parent-writes/hugetlb-2048k") == .hugetlb)
+        let m = Matrix(expected: try Self.history, runs: [
+            ("old", Self.doc("6.1.0", [("odirect-thread/read-fork-parent-writes/anon-page", .decoherent),
+                                       ("odirect-thread/read-fork-parent-writes/thp-pmd", .coherent),
+                                       ("cow/fork-parent-writes/anon-page", .coherent),
+                                       ("cow/fork-parent-writes/hugetlb-2048k", .skip)])),
+        ])
+        let lines = m.summary.split(separator: "\n").map(String.init)
+        #expect(lines[0] == "old (6.1.0), against upstream history")
+        let odirect = try #require(lines.first { $0.hasPrefix("odirect-thread") })
+        // anon-page: as history expects (decoherent before 6.9); thp-pmd: coherent, history says broken.
+        #expect(odirect.split(separator: " ", omittingEmptySubsequences: true).dropFirst().map(String.init) == ["1(1d)", "0", "1F"], "\(odirect)")
+        let cow = try #require(lines.first { $0.hasPrefix("cow") })
+        #expect(cow.split(separator: " ", omittingEmptySubsequences: true).dropFirst().map(String.init) == ["1", "-"], "\(cow)")
+    }
 }

@@ -23,13 +23,31 @@ struct CowPinCommand: ParsableCommand {
 
     /// ArgumentParser exits with 64 on bad input; cowpin promises 2.
     static func main() {
+        // A word that is not a subcommand would be taken as `run`'s argument
+        // ("Unexpected argument" with run's usage): say what it is instead.
+        let args = Array(CommandLine.arguments.dropFirst())
+        let all = configuration.subcommands.compactMap { $0.configuration.commandName } + ["help"]
+        let commands = all.filter { $0 != Worker.configuration.commandName }
+        if let word = args.first, !word.hasPrefix("-"), !all.contains(word) {
+            let near = Suggest.nearest(word, among: commands)
+            fputs("cowpin: unknown command '\(word)'\(near.map { "; did you mean '\($0)'?" } ?? "") (commands: \(commands.joined(separator: ", ")))\n", stderr)
+            Glibc.exit(2)
+        }
         do {
             var command = try parseAsRoot()
-            try command.run()
+            do {
+                try command.run()
+            } catch let e as ValidationError {
+                // Found while running (an empty selection, a file that does
+                // not parse): the message alone, the arguments were well formed.
+                fputs("cowpin: \(e.message)\n", stderr)
+                Glibc.exit(2)
+            }
         } catch {
             let code = exitCode(for: error)
             if code == .success {
-                print(fullMessage(for: error))
+                let message = fullMessage(for: error)
+                if !message.isEmpty { print(message) }
                 Glibc.exit(0)
             }
             if let e = error as? ExitCode { Glibc.exit(e.rawValue) }
@@ -87,6 +105,9 @@ struct Run: ParsableCommand {
     @Flag(help: "Report each case's duration and the total.")
     var timing = false
 
+    @Flag(help: "No progress line and recap on a terminal's stderr.")
+    var quiet = false
+
     @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"))
     var bisect: String?
 
@@ -127,12 +148,14 @@ struct Run: ParsableCommand {
             print(line)
             fflush(stdout)
         }
-        let reporter: Reporter
+        var reporter: Reporter
         switch format {
         case .json: reporter = JSONReporter(write: out)
         case .jsonl: reporter = JSONLinesReporter(write: out)
         case .ktap: reporter = KTAPReporter(timing: timing, repeatCount: repeatCount, write: out)
         }
+        // A person at a terminal gets a progress line and a recap on stderr.
+        if TerminalProgress.wanted && !quiet { reporter = TerminalProgress(wrapping: reporter) }
         let start = monotonicNs()
         let totals: Totals
         if inProcess {

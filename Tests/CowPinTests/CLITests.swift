@@ -71,7 +71,7 @@ struct CLITests {
         (["run", "--timeout", "-1"], "--timeout"),
         (["list", "--format", "ktap"], "list supports --format text or json"),
         (["explain", "no/such/case"], "unknown case 'no/such/case'"),
-        (["frobnicate", "--now"], "--now"),
+        (["frobnicate", "--now"], "unknown command 'frobnicate'"),
     ])
     func badInput(_ args: [String], _ message: String) throws {
         let o = try Self.run(args)
@@ -166,7 +166,21 @@ struct CLITests {
         let text = try Self.cowpin("run", "--format", "text")
         #expect(text.status == 2)
         let help = try Self.cowpin("run", "--help")
-        #expect(help.stdout.contains("ktap or json") && !help.stdout.contains("text"))
+        #expect(help.stdout.contains("values: ktap, json, jsonl") && !help.stdout.contains("text"))
+    }
+
+    @Test("a typo gets a suggestion: a command, a filter, a tag")
+    func suggestions() throws {
+        let lst = try Self.cowpin("lst")
+        #expect(lst.status == 2 && lst.stderr.contains("unknown command 'lst'; did you mean 'list'?"), "\(lst.stderr)")
+        let filter = try Self.cowpin("run", "--filter", "iouring-fxed/fork-parent-writes/*")
+        #expect(filter.status == 2 && filter.stderr.contains("did you mean 'iouring-fixed/fork-parent-writes/*'?"), "\(filter.stderr)")
+        let tag = try Self.cowpin("list", "--tag", "hugtlb")
+        #expect(tag.status == 2 && tag.stderr.contains("did you mean 'hugetlb'?"), "\(tag.stderr)")
+        // No usage text after an error found while running, and no empty line after a success.
+        #expect(!filter.stderr.contains("Usage:"))
+        let version = try Self.cowpin("--version")
+        #expect(version.status == 0 && version.stdout == Catalog.version + "\n")
     }
 
     /// tap.py (Debian python3-tap), a generic TAP consumer: scripts/setup

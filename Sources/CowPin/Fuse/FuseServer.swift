@@ -378,13 +378,19 @@ public final class FuseServer {
         }
     }
 
-    /// Whether `pid` has exited, or is exiting: its main thread is a zombie
-    /// (another thread may still be stuck as described in `removeStale`).
-    static func ownerGone(_ pid: Int32) -> Bool {
+    /// Whether `pid` has exited, or is exiting: its main thread is a zombie,
+    /// or it is in do_exit() (PF_EXITING), for example blocked in
+    /// io_wq_put_and_exit() while one of its io_uring workers waits for the
+    /// answer of the server that died with it (see `removeStale`).
+    public static func ownerGone(_ pid: Int32) -> Bool {
         guard processAlive(pid) else { return true }
         guard let stat = readFile("/proc/\(pid)/stat"), let paren = stat.lastIndex(of: ")") else { return false }
-        let state = stat[paren...].dropFirst().drop { $0 == " " }.first
-        return state == "Z" || state == "X"
+        // After the name: state ppid pgrp session tty_nr tpgid flags ...
+        let fields = stat[paren...].dropFirst().split(separator: " ")
+        guard let state = fields.first else { return false }
+        if state == "Z" || state == "X" { return true }
+        let pfExiting: UInt64 = 0x4
+        return fields.count > 6 && (UInt64(fields[6]).map { $0 & pfExiting != 0 } ?? false)
     }
 
     static func ownerPID(_ path: String) -> Int32? {

@@ -217,8 +217,15 @@ public final class Supervisor {
         func receive(ended: Bool = false) {
             var fds = slots.map { pollfd(fd: $0.messages, events: Int16(POLLIN), revents: 0) }
             guard !fds.isEmpty else { return }
-            let r = poll(&fds, nfds_t(fds.count), -1)
+            let r = poll(&fds, nfds_t(fds.count), Self.livenessMs)
             if r < 0 { return }  // EINTR: look again
+            if r == 0 {
+                // No message for a while. A worker that is dying (SIGKILLed) may
+                // not get to close its pipe: a thread of it waits for the answer of
+                // its own FUSE server, which died with it. Abort that connection.
+                if slots.contains(where: { FuseServer.ownerGone($0.pid) }) { FuseServer.removeStale() }
+                return
+            }
             var chunk = [UInt8](repeating: 0, count: 1 << 16)
             for (i, slot) in slots.enumerated().reversed() where fds[i].revents != 0 {
                 let n = read(slot.messages, &chunk, chunk.count)
@@ -426,6 +433,10 @@ public final class Supervisor {
 
     /// waitpid() for a worker that exits (or was killed), aborting the FUSE
     /// connection that keeps a dying worker from exiting, if one does.
+    /// How long the supervisor waits for a message before it looks whether a
+    /// worker is dying without closing its pipe.
+    static let livenessMs: Int32 = 200
+
     static func reap(_ pid: pid_t, _ status: inout Int32) -> pid_t {
         var waitedMs = 0
         while true {
@@ -463,12 +474,17 @@ public final class Supervisor {
         for pid in pids { kill(pid, sig) }
         let deadline = monotonicNs() + Self.graceMs * 1_000_000
         var left = pids
+        var rounds = 0
         while !left.isEmpty && monotonicNs() < deadline {
             for pid in left {
                 var status: Int32 = 0
                 let r = waitpid(pid, &status, WNOHANG)
                 if r == pid || (r < 0 && errno == ECHILD) { left.remove(pid) }
             }
+            // A worker stuck on its own dead FUSE server cannot exit until
+            // the connection is aborted.
+            rounds += 1
+            if rounds % 20 == 0 { FuseServer.removeStale() }
             if !left.isEmpty { usleep(5_000) }
         }
         for pid in left {

@@ -194,6 +194,15 @@ struct Worker: ParsableCommand {
 
     func run() throws {
         guard fcntl(WorkerChannel.fd, F_GETFD) >= 0 else { throw ValidationError("the worker is started by `cowpin run`") }
+        let channel = WorkerChannel()
+        do { try serve(channel) } catch {
+            // Its supervisor reports why, with the cases it could not run.
+            channel.fatal("\(error)")
+            throw error
+        }
+    }
+
+    func serve(_ channel: WorkerChannel) throws {
         _ = writeFile("/proc/self/comm", "cowpin-worker")  // its name in ps and the kernel log (exec of /proc/self/exe: "exe")
         do { try Emergency.installSignalHandling() } catch { throw ValidationError("cannot start: \(error)") }
         // A supervisor that is gone makes a message fail (EPIPE): the worker then cleans up as on SIGTERM.
@@ -207,7 +216,7 @@ struct Worker: ParsableCommand {
         if let fault {
             options.beforeScenario = { c in if c.id == fault.caseID { fault.trigger() } }
         }
-        try Runner(options: options).serve(selected, reporter: WorkerChannel(), commands: 0)
+        try Runner(options: options).serve(selected, reporter: channel, commands: 0)
     }
 }
 

@@ -184,6 +184,15 @@ struct CLITests {
         #expect(version.status == 0 && version.stdout == Catalog.version + "\n")
     }
 
+    @Test("out of file descriptors: the run says EMFILE, once, and crashes nowhere")
+    func outOfDescriptors() throws {
+        let o = try Self.run([], via: ["/bin/sh", "-c", "ulimit -n 12; exec \"$0\" run --filter cow/fork-parent-writes/anon-page --quiet"])
+        #expect(o.status == 2, "exit \(o.status): \(o.stderr)")
+        let result = o.stdout.split(separator: "\n").first { $0.hasPrefix("not ok 1 ") } ?? ""
+        #expect(result.contains("EMFILE"), "\(o.stdout)")
+        #expect(!result.contains("before its cases were done before"))
+    }
+
     /// tap.py (Debian python3-tap), a generic TAP consumer: scripts/setup
     /// installs it. Its command-line consumer, run with the system Python.
     static let tappy: [String]? = access("/usr/lib/python3/dist-packages/tap/main.py", R_OK) == 0

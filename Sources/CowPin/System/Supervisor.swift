@@ -122,6 +122,8 @@ public final class Supervisor {
         /// The case run it said it started, and when.
         var running: (number: Int, since: UInt64)?
         var startedAny = false
+        /// Why it gave up, when it said so before exiting (it could not start).
+        var fatal: String?
 
         init(pid: pid_t, commands: Int32, messages: Int32) {
             self.pid = pid
@@ -169,6 +171,7 @@ public final class Supervisor {
 
         func handle(_ m: WorkerMessage, from slot: Slot) {
             if let p = m.probe { begin(p) }
+            if let f = m.fatal { slot.fatal = f }
             if let n = m.started { slot.running = (n, monotonicNs()) }
             if let w = m.result {
                 slot.running = nil
@@ -188,7 +191,7 @@ public final class Supervisor {
             if slot.commands >= 0 { close(slot.commands) }
             let outcome = wait(for: slot.pid)
             if ended && outcome.finished && slot.assigned.isEmpty { return }
-            let death = outcome.description, hint = outcome.hint
+            let death = outcome.description + (slot.fatal.map { " (\($0))" } ?? ""), hint = outcome.hint
             let restored = Self.recover()
             let during = slot.running.map { " during \(caseRun($0.number).c.id)" }
                 ?? (ended ? " after the last case" : slot.startedAny ? " between cases" : " before its first case")
@@ -317,8 +320,17 @@ public final class Supervisor {
             return nil
         }
         // The worker's ends, above the fds it is given (dup2 onto itself would keep O_CLOEXEC).
-        let msgOut = fcntl(msg[1], F_DUPFD_CLOEXEC, 10), cmdIn = fcntl(cmd[0], F_DUPFD_CLOEXEC, 10)
+        let msgOut = fcntl(msg[1], F_DUPFD_CLOEXEC, 10)
+        let dupErr1 = errno
+        let cmdIn = fcntl(cmd[0], F_DUPFD_CLOEXEC, 10)
+        let dupErr2 = errno
         close(msg[1]); close(cmd[0])
+        guard msgOut >= 0 && cmdIn >= 0 else {
+            // Out of file descriptors (RLIMIT_NOFILE): say so, start nothing.
+            for fd in [msgOut, cmdIn, msg[0], cmd[1]] where fd >= 0 { close(fd) }
+            errno = msgOut < 0 ? dupErr1 : dupErr2
+            return nil
+        }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         posix_spawn_file_actions_adddup2(&actions, cmdIn, 0)
@@ -393,7 +405,7 @@ public final class Supervisor {
 
         var description: String {
             switch how {
-            case .finished: return "exited (status 0) before its cases were done"
+            case .finished: return "exited (status 0)"
             case .exited(let code): return "exited with status \(code)"
             case .killed(let sig): return "was killed by \(signalDescription(sig))"
             }
@@ -565,11 +577,14 @@ public struct WorkerMessage: Codable {
     public var probe: Probe?
     public var started: Int?
     public var result: WorkerResult?
+    /// The worker cannot go on (it could not start: EMFILE, EAGAIN...), and why.
+    public var fatal: String?
 
-    public init(probe: Probe? = nil, started: Int? = nil, result: WorkerResult? = nil) {
+    public init(probe: Probe? = nil, started: Int? = nil, result: WorkerResult? = nil, fatal: String? = nil) {
         self.probe = probe
         self.started = started
         self.result = result
+        self.fatal = fatal
     }
 
     static let startedPrefix = Array("{\"started\":".utf8)
@@ -682,6 +697,9 @@ public final class WorkerChannel: Reporter {
     }
 
     public func begin(planned: Int, probe: Probe) { send(WorkerMessage(probe: probe)) }
+
+    /// Tells the supervisor why this worker cannot go on, before it exits.
+    public func fatal(_ why: String) { send(WorkerMessage(fatal: why)) }
     // A case's start and a result without evidence (most of them) are
     // written by hand: JSONEncoder would cost the worker ~50 us a message.
     public func started(_ c: Case, iteration: Int, number: Int) { send(Array("{\"started\":\(number)}".utf8)) }

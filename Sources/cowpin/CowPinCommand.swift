@@ -172,6 +172,8 @@ struct Run: ParsableCommand {
             let line = "total: \(tenths / 10).\(tenths % 10) ms for \(totals.total) case run(s)"
             if format == .ktap { out("# \(line)") } else { fputs(line + "\n", stderr) }
         }
+        // A SIGTERM that came after the last result still means 128+signal.
+        Emergency.exitIfSignalled()
         if bisect != nil {
             throw ExitCode(totals.decoherent > 0 || totals.xfail > 0 ? 1 : totals.coherent + totals.xpass > 0 ? 0 : 125)
         }

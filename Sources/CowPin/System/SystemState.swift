@@ -355,6 +355,23 @@ public final class SystemState: @unchecked Sendable {
 public enum Emergency {
     static let actions = Locked<[Int: (String, () -> Void)]>([:])
     static let next = Locked(0)
+    /// The terminating signal the signal thread took, if any.
+    static let taken = Locked<Int32?>(nil)
+
+    /// Call when the run is done, before exiting with its status: a SIGINT,
+    /// SIGTERM or SIGHUP that arrived meanwhile (pending, or being handled
+    /// by the signal thread) wins, and the run exits 128+signal as promised.
+    /// Returns when no such signal came.
+    public static func exitIfSignalled() {
+        if taken.with({ $0 }) != nil { while true { pause() } }  // the signal thread exits
+        var pending = sigset_t()
+        sigemptyset(&pending)
+        guard sigpending(&pending) == 0 else { return }
+        for s in [SIGINT, SIGTERM, SIGHUP] where sigismember(&pending, s) == 1 {
+            // The signal thread takes it from here (sigwait), cleans up and exits 128+s.
+            while true { pause() }
+        }
+    }
 
     /// Registers `body` (described by `what`); returns a token for `remove`.
     public static func add(_ what: String, _ body: @escaping () -> Void) -> Int {
@@ -406,6 +423,7 @@ public enum Emergency {
             var s = blocked
             var sig: Int32 = 0
             while sigwait(&s, &sig) != 0 {}
+            taken.with { $0 = sig }
             // The cleanup kills children: a write to one's pipe must not end
             // the process by SIGPIPE before the cleanup is done.
             signal(SIGPIPE, SIG_IGN)

@@ -57,14 +57,23 @@ struct CowPinCommand: ParsableCommand {
     }
 }
 
+/// Shell completion (`cowpin --generate-completion-script bash|zsh|fish`) of case ids and tags.
+enum Completions {
+    static let caseIDs = CompletionKind.custom { _, _, prefix in Catalog.all.map(\.id).filter { $0.hasPrefix(prefix) } }
+    static let tags = CompletionKind.custom { _, _, prefix in Set(Catalog.all.flatMap(\.tags)).sorted().filter { $0.hasPrefix(prefix) } }
+}
+
 struct SelectionOptions: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("Run cases whose id matches this glob (repeatable; `*` matches `/` too).", valueName: "glob"))
+    @Option(name: .long, help: ArgumentHelp("Run cases whose id matches this glob (repeatable; `*` matches `/` too).", valueName: "glob"),
+            completion: Completions.caseIDs)
     var filter: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Run cases that carry this tag (repeatable: all must match).", valueName: "tag"))
+    @Option(name: .long, help: ArgumentHelp("Run cases that carry this tag (repeatable: all must match).", valueName: "tag"),
+            completion: Completions.tags)
     var tag: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Leave out cases whose id matches this glob (repeatable).", valueName: "glob"))
+    @Option(name: .long, help: ArgumentHelp("Leave out cases whose id matches this glob (repeatable).", valueName: "glob"),
+            completion: Completions.caseIDs)
     var exclude: [String] = []
 
     @Flag(name: .long, help: "Include the cases tagged slow (1 GiB pages, about a second each), which are left out unless asked for (--slow or --tag slow).")
@@ -108,7 +117,8 @@ struct Run: ParsableCommand {
     @Flag(help: "No progress line and recap on a terminal's stderr.")
     var quiet = false
 
-    @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"))
+    @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"),
+            completion: Completions.caseIDs)
     var bisect: String?
 
     @Flag(name: .customLong("in-process"), help: "Run the cases in this process instead of a worker process (for debugging: a crash then ends the run).")
@@ -282,7 +292,7 @@ struct Probe: ParsableCommand {
 struct Explain: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "explain", abstract: "Explain what a case does, step by step.")
 
-    @Argument(help: "A case id (see `cowpin list`).")
+    @Argument(help: "A case id (see `cowpin list`).", completion: Completions.caseIDs)
     var caseID: String
 
     @Option(help: ArgumentHelp("The expected-verdict file (upstream history; default: the checkout's data/expected-verdicts.json).", valueName: "path"))
@@ -369,6 +379,9 @@ struct MatrixCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Write a short grid (families x backing classes, one panel per kernel) here; - for standard output.", valueName: "path"))
     var summary: String?
 
+    @Option(help: ArgumentHelp("Write the summary grid as an SVG picture here (a colour per judgment, one panel per kernel).", valueName: "path"))
+    var svg: String?
+
     @Flag(name: .customLong("check-policy"), help: "With --check: also fail when a pin was taken or refused against the rule (or the baseline).")
     var checkPolicy = false
 
@@ -421,6 +434,7 @@ struct MatrixCommand: ParsableCommand {
         }
         if let markdown { try write(m.markdown + "\n", to: markdown) } else { print(m.markdown) }
         if let json { try write(JSONReporter.encode(m) + "\n", to: json) }
+        if let svg { try write(m.svg + "\n", to: svg) }
         if let summary {
             if summary == "-" { print(m.summary) } else { try write(m.summary + "\n", to: summary) }
         }

@@ -290,6 +290,9 @@ extension Backing {
             Backing(id: b.id, summary: b.summary, tags: b.tags, needs: b.needs) { ctx in
                 let r = try b.make(ctx)
                 let fs = try FileSystem.of(r.file!)
+                // io_uring has taken buffers in hugetlbfs mappings since it
+                // began (5.1); probing would need a second huge page.
+                if fs == FileSystem.hugetlbfs { return r }
                 // Asked of the kernel (not predicted from its version), on a
                 // second private mapping of the file: the case's own mapping
                 // keeps its pagecache page until the case pins it.

@@ -278,3 +278,72 @@ extension Matrix {
 extension String {
     var trimmingTrailingSpaces: String { String(reversed().drop { $0 == " " }.reversed()) }
 }
+
+extension Matrix {
+    /// The summary grid as a picture for dashboards: one panel per kernel,
+    /// families x backing classes, each cell coloured by the judgment that
+    /// needs the most attention there, with its counts.
+    public var svg: String {
+        let classes = BackingClass.allCases
+        let families = rows.reduce(into: [String]()) { list, r in
+            let f = String(r.id.split(separator: "/").first ?? "")
+            if !list.contains(f) { list.append(f) }
+        }
+        let cellW = 74, cellH = 22, labelW = 150, headH = 44, gap = 28
+        let panelH = headH + families.count * cellH
+        let legendH = 74
+        let width = labelW + classes.count * cellW + 20
+        let height = columns.count * (panelH + gap) + legendH
+        func esc(_ s: String) -> String {
+            s.replacingAll("&", "&amp;").replacingAll("<", "&lt;").replacingAll(">", "&gt;")
+        }
+        // Colour per judgment, most attention first.
+        let palette: [(String, String, (Cell) -> Bool)] = [
+            ("regression / newly decoherent", "#d73027", { $0.mark == .regression || $0.mark == .newlyDecoherent }),
+            ("error", "#4d4d4d", { $0.mark == .error }),
+            ("newly fixed / newly coherent", "#4575b4", { $0.mark == .newlyFixed || $0.mark == .newlyCoherent }),
+            ("unknown", "#b15bd6", { $0.mark == .unknown }),
+            ("decoherent, as expected", "#fdae61", { ($0.mark == .expected || $0.mark == .unchanged) && ($0.verdict == .decoherent || $0.verdict == .xfail) }),
+            ("coherent, as expected", "#66bd63", { $0.mark == .expected || $0.mark == .unchanged }),
+            ("skipped", "#e0e0e0", { $0.mark == .skip || $0.mark == .missing }),
+        ]
+        var o = ["<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(width)\" height=\"\(height)\" font-family=\"DejaVu Sans, sans-serif\" font-size=\"11\">",
+                 "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>"]
+        for (i, column) in columns.enumerated() {
+            let y0 = i * (panelH + gap) + 10
+            let title = "\(column.label) (\(column.release))" + (baseline.map { ", against \($0)" } ?? ", against upstream history")
+            o.append("<text x=\"10\" y=\"\(y0 + 14)\" font-size=\"13\" font-weight=\"bold\">\(esc(title))</text>")
+            for (c, cls) in classes.enumerated() {
+                o.append("<text x=\"\(labelW + c * cellW + cellW / 2)\" y=\"\(y0 + headH - 8)\" text-anchor=\"middle\">\(cls.rawValue)</text>")
+            }
+            for (r, f) in families.enumerated() {
+                let y = y0 + headH + r * cellH
+                o.append("<text x=\"10\" y=\"\(y + 15)\">\(esc(f))</text>")
+                for (c, cls) in classes.enumerated() {
+                    let cells = rows.filter { $0.id.hasPrefix(f + "/") && BackingClass.of($0.id) == cls }.map { $0.cells[i] }
+                    guard !cells.isEmpty else { continue }
+                    let colour = palette.first { p in cells.contains(where: p.2) }?.1 ?? "#ffffff"
+                    let judged = cells.filter { ![.skip, .missing].contains($0.mark) }.count
+                    let flagged = cells.filter { Matrix.failing.contains($0.mark) }.count
+                    let label = judged == 0 ? "-" : flagged > 0 ? "\(flagged)/\(judged)" : "\(judged)"
+                    let x = labelW + c * cellW
+                    o.append("<rect x=\"\(x + 1)\" y=\"\(y + 1)\" width=\"\(cellW - 2)\" height=\"\(cellH - 2)\" fill=\"\(colour)\" stroke=\"#ffffff\"/>")
+                    o.append("<text x=\"\(x + cellW / 2)\" y=\"\(y + 15)\" text-anchor=\"middle\" fill=\"\(colour == "#4d4d4d" || colour == "#d73027" || colour == "#4575b4" ? "white" : "black")\">\(label)</text>")
+                }
+            }
+        }
+        let ly = columns.count * (panelH + gap) + 10
+        for (k, p) in palette.enumerated() {
+            let x = 10 + (k % 4) * 190, y = ly + (k / 4) * 22
+            o.append("<rect x=\"\(x)\" y=\"\(y)\" width=\"14\" height=\"14\" fill=\"\(p.1)\"/>")
+            o.append("<text x=\"\(x + 20)\" y=\"\(y + 11)\">\(esc(p.0))</text>")
+        }
+        o.append("<text x=\"10\" y=\"\(ly + 52)\" fill=\"#555555\">cell: cases judged (flagged/judged where some need a look); colour: the judgment that needs the most attention</text>")
+        o.append("</svg>")
+        return o.joined(separator: "\n")
+    }
+}
+
+extension String {
+    func replacingAll(_ a: String, _ b: String) -> String { split(separator: a, omittingEmptySubsequences: false).joined(separator: b) }
+}

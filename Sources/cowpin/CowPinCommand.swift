@@ -117,6 +117,9 @@ struct Run: ParsableCommand {
     @Flag(help: "No progress line and recap on a terminal's stderr.")
     var quiet = false
 
+    @Flag(name: .customLong("dry-run"), help: "Check the arguments and the selection, print how many case runs it would make, run nothing (exit 0, or 2).")
+    var dryRun = false
+
     @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"),
             completion: Completions.caseIDs)
     var bisect: String?
@@ -148,6 +151,10 @@ struct Run: ParsableCommand {
             cases = try selection.cases()
         }
         do { _ = try FaultInjection.fromEnvironment() } catch { throw ValidationError("\(error)") }
+        if dryRun {
+            fputs("cowpin: would run \(cases.count * repeatCount) case run(s)\n", stderr)
+            return
+        }
         // Interrupted runs clean up after themselves; killed ones are cleaned up here.
         do { try Emergency.installSignalHandling() } catch { throw ValidationError("cannot start: \(error)") }
         let recovered = SystemState.recoverStale()

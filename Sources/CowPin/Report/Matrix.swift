@@ -230,16 +230,25 @@ public enum BackingClass: String, CaseIterable, Codable, Sendable {
 }
 
 extension Matrix {
+    /// The families (first component of the case ids), in row order.
+    var families: [String] {
+        rows.reduce(into: [String]()) { list, r in
+            let f = String(r.id.split(separator: "/").first ?? "")
+            if !list.contains(f) { list.append(f) }
+        }
+    }
+
+    /// The cells of one kernel column for a family and a backing class.
+    func cells(family f: String, _ cls: BackingClass, column i: Int) -> [Cell] {
+        rows.filter { $0.id.hasPrefix(f + "/") && BackingClass.of($0.id) == cls }.map { $0.cells[i] }
+    }
+
     /// Families (the first component of a case id) x backing classes, one panel
     /// per kernel: in each cell the number of cases as judged, and the marks that
     /// need a look (R regression, F newly fixed, N newly decoherent, C newly
     /// coherent, U unknown, E error); "-" where nothing ran. Short enough for a mail.
     public var summary: String {
         let classes = BackingClass.allCases
-        let families = rows.reduce(into: [String]()) { list, r in
-            let f = String(r.id.split(separator: "/").first ?? "")
-            if !list.contains(f) { list.append(f) }
-        }
         let letters: [(Mark, String)] = [(.regression, "R"), (.newlyFixed, "F"), (.newlyDecoherent, "N"), (.newlyCoherent, "C"),
                                          (.unknown, "U"), (.error, "E")]
         let width = max(14, (families.map(\.count).max() ?? 0) + 1)
@@ -251,7 +260,7 @@ extension Matrix {
             for f in families {
                 var line = pad(f, width)
                 for cls in classes {
-                    let cells = rows.filter { $0.id.hasPrefix(f + "/") && BackingClass.of($0.id) == cls }.map { $0.cells[i] }
+                    let cells = cells(family: f, cls, column: i)
                     let judged = cells.filter { ![.skip, .missing].contains($0.mark) }
                     guard !judged.isEmpty else {
                         line += pad(cells.isEmpty ? "" : "-", 10)
@@ -285,10 +294,6 @@ extension Matrix {
     /// needs the most attention there, with its counts.
     public var svg: String {
         let classes = BackingClass.allCases
-        let families = rows.reduce(into: [String]()) { list, r in
-            let f = String(r.id.split(separator: "/").first ?? "")
-            if !list.contains(f) { list.append(f) }
-        }
         let cellW = 74, cellH = 22, labelW = 150, headH = 44, gap = 28
         let panelH = headH + families.count * cellH
         let legendH = 74
@@ -320,7 +325,7 @@ extension Matrix {
                 let y = y0 + headH + r * cellH
                 o.append("<text x=\"10\" y=\"\(y + 15)\">\(esc(f))</text>")
                 for (c, cls) in classes.enumerated() {
-                    let cells = rows.filter { $0.id.hasPrefix(f + "/") && BackingClass.of($0.id) == cls }.map { $0.cells[i] }
+                    let cells = cells(family: f, cls, column: i)
                     guard !cells.isEmpty else { continue }
                     let colour = palette.first { p in cells.contains(where: p.2) }?.1 ?? "#ffffff"
                     let judged = cells.filter { ![.skip, .missing].contains($0.mark) }.count

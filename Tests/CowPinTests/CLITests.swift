@@ -193,6 +193,27 @@ struct CLITests {
         #expect(!result.contains("before its cases were done before"))
     }
 
+    @Test("--format jsonl streams: a run SIGKILLed after some results leaves each finished case on disk, and the matrix reads it")
+    func jsonLinesSurviveAKill() throws {
+        let file = "/tmp/cowpin-jsonl-\(getpid()).jsonl"
+        defer { unlink(file) }
+        // Kill the supervisor once three results are on disk (bounded wait, no timing luck).
+        let script = """
+            "$0" run --format jsonl --filter 'cow/fork-parent-writes/*' --jobs 1 > \(file) 2>/dev/null & p=$!
+            for i in $(seq 1 600); do [ "$(grep -c '"type":"result"' \(file))" -ge 3 ] && break; sleep 0.05; done
+            kill -KILL $p; wait $p 2>/dev/null; exit 0
+            """
+        _ = try Self.run([], via: ["/bin/sh", "-c", script])
+        let bytes = try #require(readBytes(file))
+        let doc = try JSONReporter.Document.decode(bytes)
+        #expect(doc.complete == false, "a killed run has no totals line")
+        #expect(doc.results.count >= 3 && doc.results.count < 54, "\(doc.results.count) results")
+        #expect(doc.schema == JSONReporter.schema && doc.probe != nil && doc.started != nil)
+        #expect(doc.results.allSatisfy { $0.id.hasPrefix("cow/fork-parent-writes/") })
+        let m = Matrix(expected: try MatrixTests.history, runs: [("cut", doc)])
+        #expect(m.rows.count == doc.results.count)
+    }
+
     /// tap.py (Debian python3-tap), a generic TAP consumer: scripts/setup
     /// installs it. Its command-line consumer, run with the system Python.
     static let tappy: [String]? = access("/usr/lib/python3/dist-packages/tap/main.py", R_OK) == 0

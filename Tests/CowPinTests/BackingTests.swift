@@ -45,12 +45,14 @@ struct BackingTests {
         if let v { #expect(v == .coherent, "\(v)") }
     }
 
-    @Test("the KSM backing maps a KSM page, and ksmd started for it is stopped again")
+    @Test("the KSM backing maps a KSM page, ksmd is stopped before the scenario runs, and its knobs are back after the case")
     func ksmPage() throws {
         let before = readFile("/sys/kernel/mm/ksm/run")
         let v = verdict(.ksmPage) { ctx in
             guard let pfn = PageInfo.entry(address: ctx.region.base)?.pfn, let f = PageInfo.kpageflags(pfn: pfn),
                   PageInfo.flagList(f).contains("ksm") else { throw HarnessError("not a KSM page") }
+            // Nothing merges, splits or write-protects behind the scenario.
+            guard readFile("/sys/kernel/mm/ksm/run")?.trimmingCharacters(in: .whitespacesAndNewlines) == "0" else { throw HarnessError("ksmd still runs during the scenario") }
         }
         if let v { #expect(v == .coherent, "\(v)") }
         #expect(readFile("/sys/kernel/mm/ksm/run") == before)

@@ -8,6 +8,8 @@ struct CLITests {
         var status: Int32
         var stdout: String
         var stderr: String
+        /// The process that ran (its FUSE mounts and journal carry this pid).
+        var pid: pid_t = 0
     }
 
     static var binary: URL {
@@ -55,7 +57,7 @@ struct CLITests {
         var status: Int32 = 0
         waitpid(pid, &status, 0)
         let code = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-        return Output(status: code, stdout: String(decoding: out, as: UTF8.self), stderr: String(decoding: err, as: UTF8.self))
+        return Output(status: code, stdout: String(decoding: out, as: UTF8.self), stderr: String(decoding: err, as: UTF8.self), pid: pid)
     }
 
     @Test func executableIsBuilt() {

@@ -37,6 +37,23 @@ struct StateTests {
         #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(getpid())"))
     }
 
+    @Test("a knob changed twice in a case is journaled once, with its value from before the case, and is back after it")
+    func changedTwice() throws {
+        guard let before = Self.knobValueIfRoot() else { return }
+        let first = Self.other(than: before), second = first == "4096" ? "4094" : "4093"
+        let journal = SystemState.directory + "/journal-\(getpid())"
+        let s = Scenario(id: "selftest/knob-twice", summary: "", steps: [], tags: ["selftest"]) { _ in
+            try SystemState.shared.set(Self.knob, first)
+            try SystemState.shared.set(Self.knob, second)
+            #expect(Self.shown(Self.knob) == second)
+            let lines = ((try? String(contentsOfFile: journal, encoding: .utf8)) ?? "").split(separator: "\n")
+            #expect(lines == ["knob\t\(Self.knob)\t\(before)"], "journal: \(lines)")
+        }
+        #expect(Runner().run(Case(scenario: s, backing: .anonPage)).verdict == .coherent)
+        #expect(Self.shown(Self.knob) == before)
+        #expect(!FileManager.default.fileExists(atPath: journal))
+    }
+
     @Test("the journal of a SIGKILLed process is restored by the next run")
     func recoveredAfterKill() throws {
         guard let before = Self.knobValueIfRoot() else { return }
@@ -84,25 +101,36 @@ struct StateTests {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, "/tmp/cowpin-interrupt-test.err", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        // Named after this process: test runs of other checkouts may run meanwhile.
+        let errPath = "/tmp/cowpin-interrupt-test-\(getpid()).err"
+        defer { unlink(errPath) }
+        posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         try #require(posix_spawn(&pid, CLITests.binary.path, &actions, nil, argv, environ) == 0)
         posix_spawn_file_actions_destroy(&actions)
-        usleep(1_500_000)
+        // The hold point: a worker of the run has mounted its FUSE server (an
+        // O_DIRECT case ran or runs in it); without FUSE, a worker runs.
+        let fuse = FuseTests.usable == nil
+        var workers: [pid_t] = []
+        let held = waitUntil(seconds: 120) {
+            workers = SupervisorTests.children(of: pid)
+            return !workers.isEmpty && (!fuse || workers.contains { w in FuseTests.cowpinMounts.contains { $0.hasPrefix("/tmp/cowpin-fuse-\(w)-") } })
+        }
         kill(pid, SIGTERM)
-        var st: Int32 = 0
-        waitpid(pid, &st, 0)
-        #expect((st >> 8) & 0xff == 143)
-        let err = (try? String(contentsOfFile: "/tmp/cowpin-interrupt-test.err", encoding: .utf8)) ?? ""
+        let st = reap(pid, seconds: 60)
+        #expect(held, "the run's workers: \(workers) (one with a FUSE mount: \(fuse))")
+        #expect(st.map { ($0 >> 8) & 0xff == 143 } == true, "wait status \(st.map(String.init) ?? "none: killed after 60 s")")
+        let err = (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""
         #expect(err.contains("interrupted by SIGTERM"), "stderr: \(err)")
-        #expect(!FuseTests.cowpinMounts.contains { $0.hasPrefix("/tmp/cowpin-fuse-\(pid)-") })
-        // Whatever it had changed is restored: its journal is gone. (The mTHP
-        // knobs themselves are shared with cases running in parallel.)
-        #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(pid)"))
+        for p in [pid] + workers {
+            #expect(!FuseTests.cowpinMounts.contains { $0.hasPrefix("/tmp/cowpin-fuse-\(p)-") }, "left mounted by \(p)")
+            // Whatever it had changed is restored: its journal is gone. (The mTHP
+            // knobs themselves are shared with cases running in parallel.)
+            #expect(!FileManager.default.fileExists(atPath: SystemState.directory + "/journal-\(p)"))
+        }
         // No child of the killed run is left.
         let children = (try? FileManager.default.contentsOfDirectory(atPath: "/proc"))?.compactMap(Int32.init).filter { p in
             ((try? String(contentsOfFile: "/proc/\(p)/stat", encoding: .utf8)) ?? "").split(separator: " ").dropFirst(3).first == "\(pid)"
         } ?? []
         #expect(children.isEmpty, "left: \(children)")
-        unlink("/tmp/cowpin-interrupt-test.err")
     }
 }

@@ -185,7 +185,7 @@ public enum LongTermPinCases {
         list.append(scenario("ksm-merge-pinned", "pin, offer the pages to KSM next to identical ones, then write",
                              ["pin the region", "map two more copies of its content; MADV_MERGEABLE on all three; ksmd runs without sleeping",
                               "wait (bounded) until ksmd merged the two copies, then for two more full scans",
-                              "the pinned pages must not have been merged (KSM skips pinned pages)",
+                              "the pinned pages must not have been merged (KSM skips pinned pages)", "stop ksmd",
                               "the parent writes 0xff", "read through the pin: must show the write"],
                              tags: ["ksm"], backings: Backing.standard, needs: KSM.needs) { ctx, region in
             try KSM.start(ctx)
@@ -197,6 +197,7 @@ public enum LongTermPinCases {
             ctx.notePages("after ksmd merged the copies and scanned twice more")
             let merged = KSM.merged(region) == true
             ctx.note("the pinned pages are \(merged ? "KSM pages: ksmd merged pinned pages" : "not merged")")
+            try KSM.stop()
             ctx.parentWrites()
             ctx.notePages("after the write")
             try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning + (merged ? " (ksmd merged the pinned page away from the process)" : ""))

@@ -3,8 +3,9 @@ import Glibc
 
 /// Kernel samepage merging, driven deterministically: ksmd is started for the
 /// case with no sleep between scans (knobs journaled, restored when the case
-/// ends), and every wait is for something ksmd reports (a merged page, a
-/// completed full scan), bounded.
+/// ends), every wait is for something ksmd reports (a merged page, a
+/// completed full scan), bounded, and ksmd is stopped again as soon as the
+/// case has seen what it needs (`stop`), before the case goes on.
 enum KSM {
     static let dir = "/sys/kernel/mm/ksm"
     /// Bound for a merge or a full scan. ksmd with sleep_millisecs=0 takes
@@ -27,6 +28,23 @@ enum KSM {
     /// about 3300 saw its copies not merged within the bound.
     static let needs = SharedNeeds(knobs: (access("\(dir)/smart_scan", F_OK) == 0 ? [.init("\(dir)/smart_scan", "0")] : [])
         + [.init("\(dir)/pages_to_scan", "4096"), .init("\(dir)/sleep_millisecs", "0"), .init("\(dir)/run", "1")], alone: true)
+
+    /// Stops ksmd (run=0; journaled with the case's other knobs, restored
+    /// when it ends). The write returns once ksmd has finished the batch it
+    /// was scanning (run_store() takes ksm_thread_mutex, which ksmd holds
+    /// while it scans), so from then on ksmd touches none of the case's
+    /// pages: merged pages stay merged, and nothing is merged, split or
+    /// write-protected behind the case while it writes, forks, releases its
+    /// pin and unmaps its memory. Left running through that teardown, ksmd
+    /// split the THP of a ksm-merge-pinned case as soon as its pin was gone
+    /// (split_huge_page() unmapping it, with a TLB-flush IPI) while the
+    /// worker unmapped the same range; in a Debian 6.1 guest under QEMU TCG
+    /// that IPI was never answered and both CPUs stayed stuck (soft lockup:
+    /// ksmd in smp_call_function_many_cond(), the worker in munmap() waiting
+    /// for the page table lock ksmd held).
+    static func stop() throws {
+        try SystemState.shared.set("\(dir)/run", "0")
+    }
 
     static var fullScans: Int { readFile("\(dir)/full_scans").flatMap { Int($0.trimmed) } ?? -1 }
 
@@ -90,6 +108,8 @@ extension Backing {
         _ = try KSM.twins(of: r)
         try r.madvise(Int32(CP_MADV_MERGEABLE), name: "MADV_MERGEABLE")
         try KSM.awaitMerged(r, what: "the page")
+        // The page stays a KSM page; the scenario runs with ksmd stopped.
+        try KSM.stop()
         return r
     }
 }

@@ -54,6 +54,11 @@ public final class SystemState: @unchecked Sendable {
             }
         }
 
+        func isKnob(_ path: String) -> Bool {
+            if case .knob(path, _) = self { return true }
+            return false
+        }
+
         init?(line: Substring) {
             let f = line.split(separator: "\t", maxSplits: 2, omittingEmptySubsequences: false)
             switch (f.first, f.count) {
@@ -105,8 +110,13 @@ public final class SystemState: @unchecked Sendable {
             if sideBySide {
                 throw HarnessError("the case would set \(path) to '\(value)' while other cases run beside it: its SharedNeeds must name that knob, or `alone`")
             }
-            changes.append(.knob(path: path, old: stored))
-            try writeJournal(changes)
+            // The journal keeps the value from before the case's first change
+            // of this knob: a second change (ksmd started, then stopped) adds
+            // nothing to undo, and the restore writes each knob once.
+            if !changes.contains(where: { $0.isKnob(path) }) {
+                changes.append(.knob(path: path, old: stored))
+                try writeJournal(changes)
+            }
             if let err = writeFile(path, value) {
                 throw CaseSkip("cannot write '\(value)' to \(path): \(Errno.name(err))\(err == EACCES || err == EPERM ? " (needs root)" : "")")
             }

@@ -328,7 +328,9 @@ public final class Supervisor {
         guard msgOut >= 0 && cmdIn >= 0 else {
             // Out of file descriptors (RLIMIT_NOFILE): say so, start nothing.
             for fd in [msgOut, cmdIn, msg[0], cmd[1]] where fd >= 0 { close(fd) }
-            errno = msgOut < 0 ? dupErr1 : dupErr2
+            // EINVAL: RLIMIT_NOFILE is at most 10, so no descriptor from 10 up exists: out of them too.
+            let e = msgOut < 0 ? dupErr1 : dupErr2
+            errno = e == EINVAL ? EMFILE : e
             return nil
         }
         var actions = posix_spawn_file_actions_t()

@@ -23,13 +23,31 @@ struct CowPinCommand: ParsableCommand {
 
     /// ArgumentParser exits with 64 on bad input; cowpin promises 2.
     static func main() {
+        // A word that is not a subcommand would be taken as `run`'s argument
+        // ("Unexpected argument" with run's usage): say what it is instead.
+        let args = Array(CommandLine.arguments.dropFirst())
+        let all = configuration.subcommands.compactMap { $0.configuration.commandName } + ["help"]
+        let commands = all.filter { $0 != Worker.configuration.commandName }
+        if let word = args.first, !word.hasPrefix("-"), !all.contains(word) {
+            let near = Suggest.nearest(word, among: commands)
+            fputs("cowpin: unknown command '\(word)'\(near.map { "; did you mean '\($0)'?" } ?? "") (commands: \(commands.joined(separator: ", ")))\n", stderr)
+            Glibc.exit(2)
+        }
         do {
             var command = try parseAsRoot()
-            try command.run()
+            do {
+                try command.run()
+            } catch let e as ValidationError {
+                // Found while running (an empty selection, a file that does
+                // not parse): the message alone, the arguments were well formed.
+                fputs("cowpin: \(e.message)\n", stderr)
+                Glibc.exit(2)
+            }
         } catch {
             let code = exitCode(for: error)
             if code == .success {
-                print(fullMessage(for: error))
+                let message = fullMessage(for: error)
+                if !message.isEmpty { print(message) }
                 Glibc.exit(0)
             }
             if let e = error as? ExitCode { Glibc.exit(e.rawValue) }
@@ -39,14 +57,23 @@ struct CowPinCommand: ParsableCommand {
     }
 }
 
+/// Shell completion (`cowpin --generate-completion-script bash|zsh|fish`) of case ids and tags.
+enum Completions {
+    static let caseIDs = CompletionKind.custom { _, _, prefix in Catalog.all.map(\.id).filter { $0.hasPrefix(prefix) } }
+    static let tags = CompletionKind.custom { _, _, prefix in Set(Catalog.all.flatMap(\.tags)).sorted().filter { $0.hasPrefix(prefix) } }
+}
+
 struct SelectionOptions: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("Run cases whose id matches this glob (repeatable; `*` matches `/` too).", valueName: "glob"))
+    @Option(name: .long, help: ArgumentHelp("Run cases whose id matches this glob (repeatable; `*` matches `/` too).", valueName: "glob"),
+            completion: Completions.caseIDs)
     var filter: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Run cases that carry this tag (repeatable: all must match).", valueName: "tag"))
+    @Option(name: .long, help: ArgumentHelp("Run cases that carry this tag (repeatable: all must match).", valueName: "tag"),
+            completion: Completions.tags)
     var tag: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Leave out cases whose id matches this glob (repeatable).", valueName: "glob"))
+    @Option(name: .long, help: ArgumentHelp("Leave out cases whose id matches this glob (repeatable).", valueName: "glob"),
+            completion: Completions.caseIDs)
     var exclude: [String] = []
 
     @Flag(name: .long, help: "Include the cases tagged slow (1 GiB pages, about a second each), which are left out unless asked for (--slow or --tag slow).")
@@ -65,9 +92,9 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
     case ktap, json, text
 }
 
-/// `run`'s formats: KTAP streams; JSON is one document at the end.
+/// `run`'s formats: KTAP and JSON Lines stream; JSON is one document at the end.
 enum RunFormat: String, ExpressibleByArgument, CaseIterable {
-    case ktap, json
+    case ktap, json, jsonl
 }
 
 struct Run: ParsableCommand {
@@ -75,7 +102,7 @@ struct Run: ParsableCommand {
 
     @OptionGroup var selection: SelectionOptions
 
-    @Option(help: ArgumentHelp("Output format: ktap or json.", valueName: "format"))
+    @Option(help: ArgumentHelp("Output format: ktap (streamed), jsonl (JSON Lines, streamed: a header, one object per case, totals) or json (one document at the end).", valueName: "format"))
     var format: RunFormat = .ktap
 
     @Option(name: .customLong("repeat"), help: ArgumentHelp("Run the selection N times.", valueName: "N"))
@@ -87,7 +114,14 @@ struct Run: ParsableCommand {
     @Flag(help: "Report each case's duration and the total.")
     var timing = false
 
-    @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"))
+    @Flag(help: "No progress line and recap on a terminal's stderr.")
+    var quiet = false
+
+    @Flag(name: .customLong("dry-run"), help: "Check the arguments and the selection, print how many case runs it would make, run nothing (exit 0, or 2).")
+    var dryRun = false
+
+    @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"),
+            completion: Completions.caseIDs)
     var bisect: String?
 
     @Flag(name: .customLong("in-process"), help: "Run the cases in this process instead of a worker process (for debugging: a crash then ends the run).")
@@ -117,6 +151,10 @@ struct Run: ParsableCommand {
             cases = try selection.cases()
         }
         do { _ = try FaultInjection.fromEnvironment() } catch { throw ValidationError("\(error)") }
+        if dryRun {
+            fputs("cowpin: would run \(cases.count * repeatCount) case run(s)\n", stderr)
+            return
+        }
         // Interrupted runs clean up after themselves; killed ones are cleaned up here.
         do { try Emergency.installSignalHandling() } catch { throw ValidationError("cannot start: \(error)") }
         let recovered = SystemState.recoverStale()
@@ -127,8 +165,14 @@ struct Run: ParsableCommand {
             print(line)
             fflush(stdout)
         }
-        let reporter: Reporter = format == .json ? JSONReporter(write: out)
-                                                 : KTAPReporter(timing: timing, repeatCount: repeatCount, write: out)
+        var reporter: Reporter
+        switch format {
+        case .json: reporter = JSONReporter(write: out)
+        case .jsonl: reporter = JSONLinesReporter(write: out)
+        case .ktap: reporter = KTAPReporter(timing: timing, repeatCount: repeatCount, write: out)
+        }
+        // A person at a terminal gets a progress line and a recap on stderr.
+        if TerminalProgress.wanted && !quiet { reporter = TerminalProgress(wrapping: reporter) }
         let start = monotonicNs()
         let totals: Totals
         if inProcess {
@@ -145,6 +189,8 @@ struct Run: ParsableCommand {
             let line = "total: \(tenths / 10).\(tenths % 10) ms for \(totals.total) case run(s)"
             if format == .ktap { out("# \(line)") } else { fputs(line + "\n", stderr) }
         }
+        // A SIGTERM that came after the last result still means 128+signal.
+        Emergency.exitIfSignalled()
         if bisect != nil {
             throw ExitCode(totals.decoherent > 0 || totals.xfail > 0 ? 1 : totals.coherent + totals.xpass > 0 ? 0 : 125)
         }
@@ -167,6 +213,15 @@ struct Worker: ParsableCommand {
 
     func run() throws {
         guard fcntl(WorkerChannel.fd, F_GETFD) >= 0 else { throw ValidationError("the worker is started by `cowpin run`") }
+        let channel = WorkerChannel()
+        do { try serve(channel) } catch {
+            // Its supervisor reports why, with the cases it could not run.
+            channel.fatal("\(error)")
+            throw error
+        }
+    }
+
+    func serve(_ channel: WorkerChannel) throws {
         _ = writeFile("/proc/self/comm", "cowpin-worker")  // its name in ps and the kernel log (exec of /proc/self/exe: "exe")
         do { try Emergency.installSignalHandling() } catch { throw ValidationError("cannot start: \(error)") }
         // A supervisor that is gone makes a message fail (EPIPE): the worker then cleans up as on SIGTERM.
@@ -180,7 +235,7 @@ struct Worker: ParsableCommand {
         if let fault {
             options.beforeScenario = { c in if c.id == fault.caseID { fault.trigger() } }
         }
-        try Runner(options: options).serve(selected, reporter: WorkerChannel(), commands: 0)
+        try Runner(options: options).serve(selected, reporter: channel, commands: 0)
     }
 }
 
@@ -244,11 +299,14 @@ struct Probe: ParsableCommand {
 struct Explain: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "explain", abstract: "Explain what a case does, step by step.")
 
-    @Argument(help: "A case id (see `cowpin list`).")
+    @Argument(help: "A case id (see `cowpin list`).", completion: Completions.caseIDs)
     var caseID: String
 
-    @Option(help: ArgumentHelp("The expected-verdict file (upstream history).", valueName: "path"))
-    var expected = "data/expected-verdicts.json"
+    @Option(help: ArgumentHelp("The expected-verdict file (upstream history; default: the checkout's data/expected-verdicts.json).", valueName: "path"))
+    var expected = ExpectedVerdicts.defaultPath()
+
+    @Option(help: ArgumentHelp("Say what history expects on this kernel release (default: the running kernel's).", valueName: "release"))
+    var release: String?
 
     func run() throws {
         guard let c = Catalog.find(caseID) else {
@@ -264,11 +322,42 @@ struct Explain: ParsableCommand {
         print("  (the evidence names the view, the byte ranges, and whose data is there); skip = cannot run here, with the reason;")
         print("  error = the harness failed, not a finding about the kernel.")
         if let k = c.scenario.knownIssue { print("  known unfixed upstream: \(k.reason) [\(k.reference)]") }
-        if let history = try? ExpectedVerdicts.load(expected), let f = history.family(of: c.id) {
+        let history: ExpectedVerdicts
+        do { history = try ExpectedVerdicts.load(expected) } catch {
+            print("  upstream history: unavailable (\(error))")
+            return
+        }
+        if let f = history.family(of: c.id) {
             print("  upstream history (\(f.cases)): \(f.history)")
-            print("  expected: " + (f.coherentSince.map { "decoherent before \($0), coherent since" } ?? "coherent on every kernel"))
-            if let fix = f.fix { print("  fix: \(fix)") }
+            var verdict = f.initially ?? .coherent
+            var line = "\(verdict.rawValue) on 5.4"
+            let steps = (f.steps ?? []).compactMap { s in history.changes[s.change].map { (s, $0) } }
+                .sorted { (KernelVersion($0.1.release) ?? KernelVersion("0.0")!) < (KernelVersion($1.1.release) ?? KernelVersion("0.0")!) }
+            for (s, ch) in steps {
+                if let b = s.becomes {
+                    verdict = b
+                    line += "; \(verdict.rawValue) since \(ch.release)"
+                } else {
+                    line += "; unknown since \(ch.release) (\(s.unknown ?? ""))"
+                }
+            }
+            print("  timeline: \(line)")
+            for (_, ch) in steps { print("  change: \(ch.citation): \(ch.mechanism)") }
+            if let u = f.unknownBefore { print("  unknown before \(u): \(f.unknownWhy ?? "check the kernel")") }
+            let release = self.release ?? CowPin.Probe.current().kernel.release
+            switch history.expectation(c.id, release: release) {
+            case .verdict(let k, let because)?: print("  expected on \(release): \(k.rawValue) (\(because))")
+            case .unknown(let why)?: print("  expected on \(release): unknown (\(why))")
+            case nil: break
+            }
             for (kernel, seen) in (f.observed ?? [:]).sorted(by: { $0.key < $1.key }) { print("  measured on \(kernel): \(seen)") }
+        }
+        if let p = history.policy(of: c.id) {
+            print("  policy (\(p.cases)): \(p.history)")
+            let release = self.release ?? CowPin.Probe.current().kernel.release
+            if let (allowance, because) = history.expectedPolicy(c.id, release: release) {
+                print("  upstream's rule on \(release): the pin \(allowance) (\(because))")
+            }
         }
     }
 }
@@ -278,14 +367,30 @@ struct MatrixCommand: ParsableCommand {
         commandName: "matrix",
         abstract: "Tabulate `cowpin run --format json` results of several kernels against upstream history.",
         discussion: """
-            Each RESULT is LABEL=FILE (or FILE, labelled by its kernel release). A cell is expected, \
-            a regression (decoherent where history says fixed), newly fixed (coherent where history says broken), \
-            skip, error or missing. Exit status: 0, or 1 with --check when a cell is a regression, newly fixed or error, \
-            or when a case matched by --require-ran was not run.
+            Each RESULT is LABEL=FILE (or FILE, labelled by its kernel release). Against upstream history \
+            (data/expected-verdicts.json) a cell is expected, a REGRESSION (decoherent where history says fixed), \
+            newly fixed (coherent where history says broken), unknown (history cannot decide on that release), \
+            skip, error or missing. With --baseline LABEL every column is judged against that run instead, \
+            no history needed: unchanged, NEWLY DECOHERENT, newly coherent. A pin taken or refused (policy) is \
+            compared apart and never counts as decoherent. Exit status: 0; 1 with --check when a cell is \
+            a regression, newly fixed, newly decoherent or coherent, unknown or an error, when a case matched by \
+            --require-ran was not run, or (with --check-policy) when a policy differs; 2 for bad input.
             """)
 
-    @Option(help: ArgumentHelp("The expected-verdict file.", valueName: "path"))
-    var expected = "data/expected-verdicts.json"
+    @Option(help: ArgumentHelp("The expected-verdict file (default: the checkout's data/expected-verdicts.json).", valueName: "path"))
+    var expected = ExpectedVerdicts.defaultPath()
+
+    @Option(help: ArgumentHelp("Judge every column against the run with this label (a base kernel), not against history.", valueName: "label"))
+    var baseline: String?
+
+    @Option(help: ArgumentHelp("Write a short grid (families x backing classes, one panel per kernel) here; - for standard output.", valueName: "path"))
+    var summary: String?
+
+    @Option(help: ArgumentHelp("Write the summary grid as an SVG picture here (a colour per judgment, one panel per kernel).", valueName: "path"))
+    var svg: String?
+
+    @Flag(name: .customLong("check-policy"), help: "With --check: also fail when a pin was taken or refused against the rule (or the baseline).")
+    var checkPolicy = false
 
     @Option(help: ArgumentHelp("Write the table as Markdown here (default: standard output).", valueName: "path"))
     var markdown: String?
@@ -293,7 +398,7 @@ struct MatrixCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Write the table as JSON here.", valueName: "path"))
     var json: String?
 
-    @Flag(help: "Fail (exit 1) on a regression, a newly fixed case or an error.")
+    @Flag(help: "Fail (exit 1) on a regression, a newly fixed or unknown cell, a change against the baseline, or an error.")
     var check = false
 
     @Option(name: .customLong("require-ran"), help: ArgumentHelp("With --check: cases matching this glob must have run (repeatable).", valueName: "glob"))
@@ -307,8 +412,6 @@ struct MatrixCommand: ParsableCommand {
     }
 
     func run() throws {
-        let history: ExpectedVerdicts
-        do { history = try ExpectedVerdicts.load(expected) } catch { throw ValidationError("\(error)") }
         var runs: [(label: String, doc: JSONReporter.Document)] = []
         for r in results {
             let (label, path) = Self.split(r)
@@ -317,19 +420,42 @@ struct MatrixCommand: ParsableCommand {
             do { read = try readBytes(path, limit: Self.maxInput) } catch { throw ValidationError("\(error)") }
             guard let bytes = read else { throw ValidationError("cannot read result file \(path)") }
             let doc: JSONReporter.Document
-            do { doc = try JSONDecoder().decode(JSONReporter.Document.self, from: Data(bytes)) } catch {
-                throw ValidationError("\(path) is not `cowpin run --format json` output: \(error)")
+            do { doc = try JSONReporter.Document.decode(bytes) } catch {
+                throw ValidationError("\(path) is not `cowpin run --format json` or `jsonl` output: \(error)")
+            }
+            if doc.complete == false {
+                fputs("matrix: \(path): the run stopped after \(doc.results.count) result(s) (no totals line); its column holds what arrived\n", stderr)
             }
             runs.append((label.isEmpty ? doc.kernel.release : label, doc))
         }
-        let m = Matrix(expected: history, runs: runs)
+        let m: Matrix
+        if let baseline {
+            guard runs.contains(where: { $0.label == baseline }) else {
+                throw ValidationError("--baseline \(baseline) names none of the results (\(runs.map(\.label).joined(separator: ", ")))")
+            }
+            m = Matrix(baseline: baseline, runs: runs)
+        } else {
+            let history: ExpectedVerdicts
+            do { history = try ExpectedVerdicts.load(expected) } catch { throw ValidationError("\(error)") }
+            m = Matrix(expected: history, runs: runs)
+        }
         if let markdown { try write(m.markdown + "\n", to: markdown) } else { print(m.markdown) }
         if let json { try write(JSONReporter.encode(m) + "\n", to: json) }
+        if let svg { try write(m.svg + "\n", to: svg) }
+        if let summary {
+            if summary == "-" { print(m.summary) } else { try write(m.summary + "\n", to: summary) }
+        }
         guard check else { return }
         var failures: [String] = []
         for (i, c) in m.columns.enumerated() {
-            for row in m.rows where [.regression, .newlyFixed, .error].contains(row.cells[i].mark) {
-                failures.append("\(c.label): \(row.id) is \(row.cells[i].verdict?.rawValue ?? "?") (\(row.cells[i].mark.rawValue))")
+            for row in m.rows where Matrix.failing.contains(row.cells[i].mark) {
+                let cell = row.cells[i]
+                failures.append("\(c.label): \(row.id) is \(cell.verdict?.rawValue ?? "?") (\(cell.mark.rawValue)\(cell.because.map { "; \($0)" } ?? ""))")
+            }
+            for row in m.rows where row.cells[i].policyMark == .differs {
+                let cell = row.cells[i]
+                let line = "\(c.label): \(row.id): the pin was \(cell.policy ?? "?") where \(m.baseline == nil ? "upstream's rule says" : "the baseline had") \(cell.policyExpected ?? "?")"
+                if checkPolicy { failures.append(line) } else { fputs("matrix: policy: \(line)\n", stderr) }
             }
             for g in requireRan {
                 let matching = m.rows.filter { Selection.glob(g, $0.id) }

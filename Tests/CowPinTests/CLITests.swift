@@ -73,7 +73,7 @@ struct CLITests {
         (["run", "--timeout", "-1"], "--timeout"),
         (["list", "--format", "ktap"], "list supports --format text or json"),
         (["explain", "no/such/case"], "unknown case 'no/such/case'"),
-        (["frobnicate", "--now"], "--now"),
+        (["frobnicate", "--now"], "unknown command 'frobnicate'"),
     ])
     func badInput(_ args: [String], _ message: String) throws {
         let o = try Self.run(args)
@@ -168,7 +168,61 @@ struct CLITests {
         let text = try Self.cowpin("run", "--format", "text")
         #expect(text.status == 2)
         let help = try Self.cowpin("run", "--help")
-        #expect(help.stdout.contains("ktap or json") && !help.stdout.contains("text"))
+        let words = help.stdout.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        #expect(words.contains("values: ktap, json, jsonl;") && !words.contains("text"), "\(words)")
+    }
+
+    @Test("a typo gets a suggestion: a command, a filter, a tag")
+    func suggestions() throws {
+        let lst = try Self.cowpin("lst")
+        #expect(lst.status == 2 && lst.stderr.contains("unknown command 'lst'; did you mean 'list'?"), "\(lst.stderr)")
+        let filter = try Self.cowpin("run", "--filter", "iouring-fxed/fork-parent-writes/*")
+        #expect(filter.status == 2 && filter.stderr.contains("did you mean 'iouring-fixed/fork-parent-writes/*'?"), "\(filter.stderr)")
+        let tag = try Self.cowpin("list", "--tag", "hugtlb")
+        #expect(tag.status == 2 && tag.stderr.contains("did you mean 'hugetlb'?"), "\(tag.stderr)")
+        // No usage text after an error found while running, and no empty line after a success.
+        #expect(!filter.stderr.contains("Usage:"))
+        let version = try Self.cowpin("--version")
+        #expect(version.status == 0 && version.stdout == Catalog.version + "\n")
+    }
+
+    @Test("out of file descriptors: the run says EMFILE, once, and crashes nowhere")
+    func outOfDescriptors() throws {
+        // How many descriptors a run needs depends on what the environment
+        // leaves open: try a range of limits (descriptors 3-9 closed first).
+        var ranOut = 0
+        for limit in 7...13 {
+            let o = try Self.run([], via: ["/bin/sh", "-c",
+                "exec 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-; ulimit -n \(limit); exec \"$0\" run --filter cow/fork-parent-writes/anon-page --quiet"])
+            #expect(o.status < 128, "limit \(limit): exit \(o.status) (a signal): \(o.stderr)")
+            guard o.status != 0 else { continue }
+            ranOut += 1
+            let result = o.stdout.split(separator: "\n").first { $0.hasPrefix("not ok 1 ") } ?? ""
+            #expect(o.status == 2 && (result.contains("EMFILE") || o.stderr.contains("EMFILE")), "limit \(limit): \(o.status) \(o.stdout) \(o.stderr)")
+            #expect(!result.contains("before its cases were done before"))
+        }
+        #expect(ranOut > 0, "no limit from 7 to 13 ran out of descriptors")
+    }
+
+    @Test("--format jsonl streams: a run SIGKILLed after some results leaves each finished case on disk, and the matrix reads it")
+    func jsonLinesSurviveAKill() throws {
+        let file = "/tmp/cowpin-jsonl-\(getpid()).jsonl"
+        defer { unlink(file) }
+        // Kill the supervisor once three results are on disk (bounded wait, no timing luck).
+        let script = """
+            "$0" run --format jsonl --filter 'cow/fork-parent-writes/*' --jobs 1 > \(file) 2>/dev/null & p=$!
+            for i in $(seq 1 600); do [ "$(grep -c '"type":"result"' \(file))" -ge 3 ] && break; sleep 0.05; done
+            kill -KILL $p; wait $p 2>/dev/null; exit 0
+            """
+        _ = try Self.run([], via: ["/bin/sh", "-c", script])
+        let bytes = try #require(readBytes(file))
+        let doc = try JSONReporter.Document.decode(bytes)
+        #expect(doc.complete == false, "a killed run has no totals line")
+        #expect(doc.results.count >= 3 && doc.results.count < 54, "\(doc.results.count) results")
+        #expect(doc.schema == JSONReporter.schema && doc.probe != nil && doc.started != nil)
+        #expect(doc.results.allSatisfy { $0.id.hasPrefix("cow/fork-parent-writes/") })
+        let m = Matrix(expected: try MatrixTests.history, runs: [("cut", doc)])
+        #expect(m.rows.count == doc.results.count)
     }
 
     /// tap.py (Debian python3-tap), a generic TAP consumer: scripts/setup

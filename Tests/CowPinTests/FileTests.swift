@@ -8,81 +8,92 @@ import Testing
 struct FileTests {
     let runner = Runner(options: RunOptions(timeoutMs: 5000))
 
-    /// Runs a catalog case as a kernel of `release` (the real kernel answers,
-    /// the case compares the answer with that release's rule).
-    func verdict(_ id: String, asRelease release: String? = nil) throws -> Verdict {
-        let c = try #require(Catalog.find(id))
-        var probe = Probe.current()
-        if let release { probe.kernel.release = release }
-        return Runner(probe: probe, options: runner.options).run(c).verdict
+    static var history: ExpectedVerdicts { get throws { try ExpectedVerdicts.load(ExpectedVerdicts.defaultPath()) } }
+
+    func result(_ id: String) throws -> CaseResult {
+        runner.run(try #require(Catalog.find(id)))
     }
 
-    @Test("upstream's rule for io_uring fixed buffers in file mappings, by version")
-    func intentTable() {
-        typealias F = FileSystem
-        func answer(_ release: String, _ fs: UInt64, shared: Bool) -> String {
-            FilePinningCases.intent(release: release, fileSystem: fs, shared: shared).answer
-        }
-        #expect(answer("6.18.44-fc-v769", F.ext4, shared: true) == "the pin refused (EFAULT)")
-        #expect(answer("6.5.0", F.ext4, shared: false) == "the pin taken")
-        #expect(answer("6.18.0", F.tmpfs, shared: true) == "the pin taken")
-        #expect(answer("6.1.0-56-amd64", F.ext4, shared: true) == "the pin refused (EOPNOTSUPP)")
-        #expect(answer("6.1.0-56-amd64", F.ext4, shared: false) == "the pin refused (EOPNOTSUPP)")
-        #expect(answer("6.1.0-56-amd64", F.tmpfs, shared: true) == "the pin taken")
-        #expect(answer("5.10.0", F.tmpfs, shared: false) == "the pin refused (EOPNOTSUPP)")
+    @Test("upstream's rule for io_uring fixed buffers in file mappings, by release (a policy, from the history file)")
+    func policyTable() throws {
+        let h = try Self.history
+        func answer(_ id: String, _ release: String) -> String? { h.expectedPolicy("longterm-file/\(id)", release: release)?.0.description }
+        #expect(answer("iouring-fixed-shared/ext4", "6.18.44-fc-v769") == "refused (EFAULT)")
+        #expect(answer("iouring-fixed-private/ext4", "6.5.0") == "taken")
+        #expect(answer("iouring-fixed-shared/tmpfs", "6.18.0") == "taken")
+        #expect(answer("iouring-fixed-shared/ext4", "6.1.0-56-amd64") == "refused (EOPNOTSUPP)")
+        #expect(answer("iouring-fixed-private/ext4", "6.1.0-56-amd64") == "refused (EOPNOTSUPP)")
+        #expect(answer("iouring-fixed-shared/memfd", "6.1.0-56-amd64") == "taken")
+        // Before 5.14 mainline refused shmem buffers, but stable kernels carry the
+        // exemption by backport: history does not judge that policy there.
+        #expect(answer("iouring-fixed-private/tmpfs", "5.10.0") == nil)
+        #expect(answer("iouring-fixed-private/tmpfs", "5.14.0") == "taken")
         for release in ["5.4.0", "6.1.0", "6.18.0"] {
-            #expect(answer(release, F.hugetlbfs, shared: true) == "the pin taken")
+            #expect(answer("iouring-fixed-shared/memfd-hugetlb-2048k", release) == "taken")
         }
-        #expect(FilePinningCases.intent(release: "6.18.0", fileSystem: F.ext4, shared: true).because
-            .contains("upstream refuses R/W long-term pins of ext4 shared mappings since 6.5"))
     }
 
-    /// The case is coherent on the running kernel (its answer is upstream's);
-    /// run as a kernel on the other side of the rule, it must be decoherent,
-    /// and its evidence shows what this kernel answered.
-    func answer(_ id: String, otherSide release: String) throws -> (notes: [String], finding: Finding)? {
-        let real = try verdict(id)
-        if case .skip(let reason) = real {
+    /// A pin taken or refused is a policy observation beside the verdict: the
+    /// verdict is about data, and is never decoherent without a differing byte.
+    func policyCase(_ id: String, taken: Bool, errno: String? = nil) throws {
+        let r = try result(id)
+        if case .skip(let reason) = r.verdict {
             recordSkip("\(id): \(reason)")
-            return nil
+            return
         }
-        #expect(real == .coherent, "\(id) on the running kernel: \(real)")
-        let other = try verdict(id, asRelease: release)
-        guard case .decoherent(let e) = other, let f = e.findings.first else {
-            Issue.record("\(id) as \(release): expected decoherent, got \(other)")
-            return nil
-        }
-        return (e.notes, f)
+        #expect(r.verdict == .coherent, "\(id): \(r.verdict)")
+        let p = try #require(r.policy, "\(id) recorded no policy fact")
+        #expect(p.allowance == PinAllowance(taken: taken, errno: errno), "\(id): \(p)")
+        #expect(p.action.contains("IORING_REGISTER_BUFFERS"))
+        // And the running kernel follows upstream's rule for its release.
+        let release = runner.probe.kernel.release
+        let rule = try #require(try Self.history.expectedPolicy(id, release: release))
+        #expect(rule.0 == p.allowance, "\(id) on \(release): \(p), rule: \(rule.1)")
     }
 
-    @Test("a shared ext4 mapping: io_uring refuses the pin (EFAULT since 6.5, EOPNOTSUPP before)")
+    @Test("a shared ext4 mapping: io_uring refuses the pin (EFAULT since 6.5, EOPNOTSUPP before): a policy fact, coherent")
     func ext4SharedRefused() throws {
-        let release = Probe.current().kernel.release
-        let newRule = KernelVersion(release)! >= KernelVersion("6.5")!
-        let want = FilePinningCases.intent(release: release, fileSystem: FileSystem.ext4, shared: true)
-        #expect(!want.taken)
-        guard let (notes, f) = try answer("longterm-file/iouring-fixed-shared/ext4", otherSide: newRule ? "6.1.0" : "6.5.0") else { return }
-        #expect(notes.contains("pin refused: \(newRule ? "EFAULT" : "EOPNOTSUPP")"), "\(notes)")
-        #expect(f.view.contains("IORING_REGISTER_BUFFERS") && f.view.contains("ext4"))
-        #expect(f.meaning.hasPrefix("refused with \(newRule ? "EFAULT" : "EOPNOTSUPP"), but upstream"), "\(f.meaning)")
+        let newRule = KernelVersion(runner.probe.kernel.release)! >= KernelVersion("6.5")!
+        try policyCase("longterm-file/iouring-fixed-shared/ext4", taken: false, errno: newRule ? "EFAULT" : "EOPNOTSUPP")
     }
 
     @Test("a shared tmpfs mapping: io_uring takes the pin, and the pin sees the process's write")
     func tmpfsSharedTaken() throws {
-        // Before 5.14 io_uring refused shmem buffers: as that kernel, the pin taken is the finding.
-        guard let (notes, f) = try answer("longterm-file/iouring-fixed-shared/tmpfs", otherSide: "5.10.0") else { return }
-        #expect(notes.contains("pin taken"), "\(notes)")
-        #expect(f.expected == "the pin refused (EOPNOTSUPP)")
-        #expect(f.meaning.hasPrefix("taken, but upstream io_uring refuses"), "\(f.meaning)")
+        try policyCase("longterm-file/iouring-fixed-shared/tmpfs", taken: true)
+        #expect(try result("longterm-file/iouring-fixed-shared/tmpfs").notes.contains("pin taken"))
     }
 
     @Test("a private ext4 mapping: the pin is taken since 6.5 (an anonymous copy), refused before")
     func ext4PrivateByVersion() throws {
-        let release = Probe.current().kernel.release
-        let newRule = KernelVersion(release)! >= KernelVersion("6.5")!
-        guard let (notes, f) = try answer("longterm-file/iouring-fixed-private/ext4", otherSide: newRule ? "6.1.0" : "6.5.0") else { return }
-        #expect(notes.contains(newRule ? "pin taken" : "pin refused: EOPNOTSUPP"), "\(notes)")
-        #expect(f.meaning.hasPrefix(newRule ? "taken, but" : "refused (EOPNOTSUPP) although"), "\(f.meaning)")
+        let newRule = KernelVersion(runner.probe.kernel.release)! >= KernelVersion("6.5")!
+        try policyCase("longterm-file/iouring-fixed-private/ext4", taken: newRule, errno: newRule ? nil : "EOPNOTSUPP")
+    }
+
+    @Test("no case is decoherent without a differing byte, and policy facts stay out of the verdict")
+    func noDecoherenceWithoutBytes() throws {
+        for c in try Selection(filters: ["longterm-file/*", "iouring-fixed/pagecache-write/*"]).select() {
+            let r = runner.run(c)
+            if let e = r.verdict.evidence {
+                #expect(!e.findings.isEmpty && e.findings.allSatisfy { $0.differingBytes > 0 }, "\(c.id): a finding without a differing byte")
+            }
+            if c.id.hasPrefix("longterm-file/"), r.verdict.kind != .skip {
+                #expect(r.policy != nil, "\(c.id) recorded no policy fact")
+            }
+        }
+        // The matrix judges a policy apart: as a kernel whose rule differs, the cell
+        // stays expected (coherent) and only its policy mark differs.
+        let id = "longterm-file/iouring-fixed-shared/ext4"
+        let r = try result(id)
+        guard let p = r.policy, r.verdict == .coherent else { return recordSkip("\(id): \(r.verdict)") }
+        let other = KernelVersion(runner.probe.kernel.release)! >= KernelVersion("6.5")! ? "6.1.0" : "6.5.0"
+        let doc = JSONReporter.Document(
+            cowpin: Catalog.version, kernel: Probe.Kernel(release: other, version: "", machine: "x86_64"), euid: 0,
+            results: [JSONReporter.Result(id: id, iteration: 1, verdict: .coherent, reason: nil, evidence: nil, durationMs: 0, policy: p)],
+            totals: Totals(), exitCode: 0)
+        let m = Matrix(expected: try Self.history, runs: [("other", doc)])
+        let cell = try #require(m.rows.first?.cells.first)
+        #expect(cell.mark == .expected)
+        #expect(cell.policyMark == .differs && cell.policyExpected != p.allowance.description, "\(cell)")
     }
 
     /// As cow/private-file-write, except that the file page itself is written

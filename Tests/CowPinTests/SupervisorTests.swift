@@ -220,6 +220,13 @@ struct ParallelTests {
         #expect(!Catalog.all.filter { $0.id.hasPrefix("iouring-fixed/fork-parent-writes/") }.contains { $0.needs.alone && !$0.tags.contains("hugetlb") && !$0.tags.contains("ksm") })
     }
 
+    @Test("gup_test holds one long-term pin for the whole debugfs file: the gup_test cases run alone")
+    func gupTestAlone() {
+        let gup = Catalog.all.filter { $0.id.hasPrefix("gup-test-ro") }
+        #expect(gup.count > 100)
+        #expect(gup.allSatisfy { $0.needs.alone })
+    }
+
     @Test("--jobs 2 gives the verdicts, order and output of --jobs 1, and leaves the knobs as they were")
     func sameAsOneJob() throws {
         let before = SupervisorTests.knobValue()

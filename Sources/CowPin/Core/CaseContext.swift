@@ -14,6 +14,9 @@ public final class CaseContext {
     public internal(set) var region: Region!
 
     var findings: [Finding] = []
+    /// A policy fact the case observed (a pin taken or refused): reported
+    /// beside the verdict, never as a finding.
+    public var policy: PolicyObservation?
     var pages: [PageSnapshot] = []
     var notes: [String] = []
     private var cleanups: [() -> Void] = []

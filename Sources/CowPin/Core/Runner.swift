@@ -26,8 +26,12 @@ public struct CaseResult: Sendable, Equatable {
     /// What the case recorded about the kernel whatever the verdict (e.g.
     /// "pin taken"); a decoherent verdict's evidence carries them too.
     public var notes: [String]
+    /// A policy fact the case observed (a pin taken or refused).
+    public var policy: PolicyObservation?
 
-    public init(id: String, iteration: Int = 1, verdict: Verdict, durationNs: UInt64 = 0, phases: Phases? = nil, notes: [String] = []) {
+    public init(id: String, iteration: Int = 1, verdict: Verdict, durationNs: UInt64 = 0, phases: Phases? = nil, notes: [String] = [],
+                policy: PolicyObservation? = nil) {
+        self.policy = policy
         self.id = id
         self.iteration = iteration
         self.verdict = verdict
@@ -111,22 +115,27 @@ public final class Runner {
         let start = monotonicNs()
         var phases = Phases()
         var notes: [String] = []
-        let verdict = Runner.exclusively { verdictOf(c, phases: &phases, notes: &notes) }
+        var policy: PolicyObservation?
+        let verdict = Runner.exclusively { verdictOf(c, phases: &phases, notes: &notes, policy: &policy) }
         return CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - start, phases: phases,
-                          notes: verdict.evidence == nil ? notes : [])
+                          notes: verdict.evidence == nil ? notes : [], policy: policy)
     }
 
     /// The verdict of one case (not serialized; `run` is).
     public func verdictOf(_ c: Case) -> Verdict {
         var phases = Phases()
         var notes: [String] = []
-        return verdictOf(c, phases: &phases, notes: &notes)
+        var policy: PolicyObservation?
+        return verdictOf(c, phases: &phases, notes: &notes, policy: &policy)
     }
 
-    func verdictOf(_ c: Case, phases: inout Phases, notes: inout [String]) -> Verdict {
+    func verdictOf(_ c: Case, phases: inout Phases, notes: inout [String], policy: inout PolicyObservation?) -> Verdict {
         if let reason = c.scenario.requirement(probe) { return .skip(reason: reason) }
         let ctx = CaseContext(case: c, probe: probe, timeoutMs: options.timeoutMs)
-        defer { notes = ctx.notes }
+        defer {
+            notes = ctx.notes
+            policy = ctx.policy
+        }
         var mark = monotonicNs()
         func lap() -> UInt64 {
             let now = monotonicNs()
@@ -149,6 +158,10 @@ public final class Runner {
         } catch {
             let extra = ctx.findings.isEmpty ? "" : " (after \(ctx.findings.count) mismatch(es) were recorded)"
             return .error("\(error)\(extra)")
+        }
+        // Decoherent means bytes differed: a finding without one is a harness bug.
+        if let empty = ctx.findings.first(where: { $0.differingBytes == 0 }) {
+            return .error("a finding on \(empty.view) names no differing byte: a harness bug, not a verdict")
         }
         switch (ctx.findings.isEmpty, c.scenario.knownIssue.flatMap { $0.applies(to: c.backing) ? $0 : nil }) {
         case (true, nil): return .coherent

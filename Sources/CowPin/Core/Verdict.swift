@@ -128,3 +128,28 @@ public struct PageSnapshot: Codable, Equatable, Sendable {
         self.flags = flags
     }
 }
+
+/// Whether the kernel took or refused a pin (with which errno).
+public struct PinAllowance: Codable, Sendable, Equatable, CustomStringConvertible {
+    public var taken: Bool
+    public var errno: String?
+    public init(taken: Bool, errno: String? = nil) {
+        self.taken = taken
+        self.errno = errno
+    }
+    public var description: String { taken ? "taken" : "refused (\(errno ?? "?"))" }
+}
+
+/// A policy fact a case observed (is this pin allowed at all?), kept apart
+/// from coherence: a pin taken or refused is never a decoherent verdict.
+/// `cowpin matrix` compares it with upstream's rule for the release.
+public struct PolicyObservation: Codable, Sendable, Equatable, CustomStringConvertible {
+    /// What was asked of the kernel.
+    public var action: String
+    public var allowance: PinAllowance
+    public init(action: String, allowance: PinAllowance) {
+        self.action = action
+        self.allowance = allowance
+    }
+    public var description: String { "\(action): \(allowance)" }
+}

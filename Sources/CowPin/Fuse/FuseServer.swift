@@ -378,13 +378,32 @@ public final class FuseServer {
         }
     }
 
-    /// Whether `pid` has exited, or is exiting: its main thread is a zombie
-    /// (another thread may still be stuck as described in `removeStale`).
-    static func ownerGone(_ pid: Int32) -> Bool {
+    /// Whether `pid` has exited, or is exiting: its main thread is a zombie,
+    /// it is in do_exit() (PF_EXITING), or a SIGKILL is pending for it. The
+    /// last covers a process blocked at the very start of do_exit(), before
+    /// PF_EXITING: io_uring_files_cancel() waits in io_wq_put_and_exit() for
+    /// an io_uring worker that waits for the answer of the FUSE server that
+    /// died with the process (see `removeStale`).
+    public static func ownerGone(_ pid: Int32) -> Bool {
         guard processAlive(pid) else { return true }
         guard let stat = readFile("/proc/\(pid)/stat"), let paren = stat.lastIndex(of: ")") else { return false }
-        let state = stat[paren...].dropFirst().drop { $0 == " " }.first
-        return state == "Z" || state == "X"
+        // After the name: state ppid pgrp session tty_nr tpgid flags ...
+        let fields = stat[paren...].dropFirst().split(separator: " ")
+        guard let state = fields.first else { return false }
+        if state == "Z" || state == "X" { return true }
+        let pfExiting: UInt64 = 0x4
+        if fields.count > 6, let flags = UInt64(fields[6]), flags & pfExiting != 0 { return true }
+        return sigkillPending(pid)
+    }
+
+    /// Whether a SIGKILL is pending for the process (ShdPnd or SigPnd of /proc/PID/status).
+    static func sigkillPending(_ pid: Int32) -> Bool {
+        guard let status = readFile("/proc/\(pid)/status") else { return false }
+        let bit = UInt64(1) << UInt64(SIGKILL - 1)
+        for line in status.split(separator: "\n") where line.hasPrefix("ShdPnd:") || line.hasPrefix("SigPnd:") {
+            if let mask = UInt64(line.split(separator: "\t").last ?? "", radix: 16), mask & bit != 0 { return true }
+        }
+        return false
     }
 
     static func ownerPID(_ path: String) -> Int32? {

@@ -151,7 +151,7 @@ public struct Backing: Sendable {
         let last = r.pages - 1
         guard let first = PageInfo.entry(address: r.base)?.pfn, let lastPFN = PageInfo.entry(address: r.address(ofPage: last))?.pfn,
               let f0 = PageInfo.kpageflags(pfn: first), let fl = PageInfo.kpageflags(pfn: lastPFN) else {
-            throw CaseSkip("cannot verify \(what): /proc/kpageflags and PFNs need root (CAP_SYS_ADMIN)")
+            throw CaseSkip("cannot verify \(what): \(PageInfo.whyUnreadable)")
         }
         let head = PageInfo.flagList(f0), tail = PageInfo.flagList(fl)
         guard head.contains("thp"), head.contains("compound_head"), tail.contains("compound_tail"), lastPFN == first + UInt64(last) else {
@@ -196,7 +196,7 @@ public struct Backing: Sendable {
             throw CaseSkip("THP still PMD-mapped after the mprotect() split (PMD-mapped: \(huge) kB)")
         }
         guard let isTHP = PageInfo.isTHP(address: r.base) else {
-            throw CaseSkip("cannot verify a PTE-mapped THP: /proc/kpageflags and PFNs need root (CAP_SYS_ADMIN)")
+            throw CaseSkip("cannot verify a PTE-mapped THP: \(PageInfo.whyUnreadable)")
         }
         guard isTHP else { throw CaseSkip("the THP was split into small pages by the mprotect() split") }
         return r
@@ -241,7 +241,7 @@ public struct Backing: Sendable {
     /// Skips unless kpageflags shows `flag` on the region's first page (root only).
     static func requireFlag(_ flag: String, _ r: Region, what: String) throws {
         guard let pfn = PageInfo.entry(address: r.base)?.pfn, let raw = PageInfo.kpageflags(pfn: pfn) else {
-            throw CaseSkip("cannot verify that \(what) is mapped: /proc/kpageflags and PFNs need root (CAP_SYS_ADMIN)")
+            throw CaseSkip("cannot verify that \(what) is mapped: \(PageInfo.whyUnreadable)")
         }
         guard PageInfo.flagList(raw).contains(flag) else {
             throw CaseSkip("\(what) is not mapped after a read fault (page flags: \(PageInfo.flagList(raw).joined(separator: ",")))")

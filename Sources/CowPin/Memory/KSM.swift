@@ -66,7 +66,7 @@ enum KSM {
     /// reason otherwise (`what` names the pages: "the page", "the unpinned copies").
     static func awaitMerged(_ r: Region, what: String) throws {
         guard poll({ merged(r) == true }) else {
-            if merged(r) == nil { throw CaseSkip("cannot verify the KSM merge: /proc/kpageflags and PFNs need root") }
+            if merged(r) == nil { throw CaseSkip("cannot verify the KSM merge: \(PageInfo.whyUnreadable)") }
             throw CaseSkip("ksmd did not merge \(what) within \(boundMs) ms")
         }
     }

@@ -55,6 +55,21 @@ public enum PageInfo {
         return raw
     }
 
+    /// Why a PFN or its flags could not be read: privileges for a user, else
+    /// what the kernel answered (a root process under a small memory cgroup
+    /// can fail to read them too).
+    public static var whyUnreadable: String {
+        guard Probe.isRoot else { return "/proc/kpageflags and PFNs need root (CAP_SYS_ADMIN)" }
+        if kpageflagsFD < 0 { return "cannot open /proc/kpageflags as root" }
+        if ownPagemap < 0 { return "cannot open /proc/self/pagemap as root" }
+        var raw: UInt64 = 0
+        let r = cp_pread_full(ownPagemap, &raw, 8, 0)
+        if r < 0 { return "reading /proc/self/pagemap failed as root: \(Errno.name(Int32(-r)))" }
+        let k = cp_pread_full(kpageflagsFD, &raw, 8, 0)
+        if k < 0 { return "reading /proc/kpageflags failed as root: \(Errno.name(Int32(-k)))" }
+        return "the page's PFN is not present in /proc/self/pagemap (not mapped, or swapped out)"
+    }
+
     public static func flagList(_ raw: UInt64) -> [String] {
         flagNames.filter { raw & (1 << UInt64($0.bit)) != 0 }.map(\.name)
     }

@@ -74,7 +74,7 @@ extension Backing {
     /// Skips unless the first page of `r` is still part of a THP (kpageflags, root only).
     static func requireStillTHP(_ r: Region, what: String) throws {
         guard let isTHP = PageInfo.isTHP(address: r.base) else {
-            throw CaseSkip("cannot verify that \(what) is still a THP: /proc/kpageflags and PFNs need root (CAP_SYS_ADMIN)")
+            throw CaseSkip("cannot verify that \(what) is still a THP: \(PageInfo.whyUnreadable)")
         }
         guard isTHP else { throw CaseSkip("\(what) is no longer part of a THP (the kernel split it)") }
     }

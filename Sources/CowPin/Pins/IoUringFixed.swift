@@ -55,9 +55,13 @@ public final class IoUring {
     /// took the pin, else the errno it refused it with. Skips when
     /// RLIMIT_MEMLOCK is too small (not root).
     public func tryRegister(_ region: Region) throws -> Int32? {
-        let r = cp_ring_register_buffer(ring, region.base, region.size)
-        if r == -ENOMEM && !Probe.isRoot, let soft = Probe.memlockLimit().soft, soft < UInt64(region.size) {
-            throw CaseSkip("RLIMIT_MEMLOCK (\(soft) bytes) is below the \(region.size)-byte buffer to register")
+        try tryRegister(base: region.base, size: region.size)
+    }
+
+    public func tryRegister(base: UnsafeMutableRawPointer, size: Int) throws -> Int32? {
+        let r = cp_ring_register_buffer(ring, base, size)
+        if r == -ENOMEM && !Probe.isRoot, let soft = Probe.memlockLimit().soft, soft < UInt64(size) {
+            throw CaseSkip("RLIMIT_MEMLOCK (\(soft) bytes) is below the \(size)-byte buffer to register")
         }
         return r < 0 ? -r : nil
     }

@@ -112,7 +112,17 @@ public final class Child {
         try check("fork", program.ops.withUnsafeBufferPointer { cp_spawn($0.baseAddress, $0.count, st, &pid, &pidfd) })
         self.pid = pid
         self.pidfd = pidfd
-        emergency = Emergency.add("killed child \(pid)") { _ = Glibc.kill(pid, SIGKILL) }
+        // Killed and reaped (bounded): a child left unreaped when this process
+        // exits would be a zombie under PID 1, which need not reap it.
+        emergency = Emergency.add("killed child \(pid)") {
+            _ = Glibc.kill(pid, SIGKILL)
+            var status: Int32 = 0
+            for _ in 0..<2000 {
+                let r = waitpid(pid, &status, WNOHANG)
+                if r == pid || (r < 0 && errno != EINTR) { break }
+                usleep(1_000)
+            }
+        }
         // Only the child writes here: a dead child then reads as end of file.
         toParent.closeWrite()
         fromParent.closeRead()

@@ -26,6 +26,7 @@ public final class KTAPReporter: Reporter {
     public func finished(_ r: CaseResult, number: Int) {
         let name = repeatCount > 1 ? "\(r.id) (run \(r.iteration) of \(repeatCount))" : r.id
         for line in r.verdict.evidence.map(EvidenceText.lines) ?? r.notes { write("# \(line)") }
+        if let p = r.policy { write("# policy: \(p)") }
         if timing {
             let split = r.phases.map { " (memory \(formatMs($0.memoryNs)), scenario \(formatMs($0.scenarioNs)), cleanup \(formatMs($0.cleanupNs)))" } ?? ""
             write("# time: \(formatMs(r.durationNs)) ms" + split)

@@ -4,74 +4,40 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// What upstream history says a case family should show (data/expected-verdicts.json).
-public struct ExpectedVerdicts: Codable, Sendable {
-    public struct Family: Codable, Sendable {
-        /// fnmatch glob over case ids.
-        public var cases: String
-        /// First mainline release expected coherent; nil: coherent everywhere.
-        public var coherentSince: String?
-        public var history: String
-        public var fix: String?
-        public var observed: [String: String]?
-    }
-
-    public var about: String?
-    public var families: [Family]
-
-    public static func load(_ path: String) throws -> ExpectedVerdicts {
-        guard let bytes = readBytes(path) else { throw HarnessError("cannot read \(path)") }
-        do {
-            return try JSONDecoder().decode(ExpectedVerdicts.self, from: Data(bytes))
-        } catch {
-            throw HarnessError("\(path) is not a valid expected-verdict file: \(error)")
-        }
-    }
-
-    public func family(of id: String) -> Family? { families.first { Selection.glob($0.cases, id) } }
-
-    /// coherent or decoherent for this case on a kernel release, nil when unknown.
-    public func expected(_ id: String, release: String) -> Verdict.Kind? {
-        guard let f = family(of: id) else { return nil }
-        guard let since = f.coherentSince else { return .coherent }
-        guard let v = KernelVersion(release), let s = KernelVersion(since) else { return nil }
-        return v >= s ? .coherent : .decoherent
-    }
-}
-
-/// major.minor[.patch] of a kernel release string ("6.1.0-56-amd64", "6.18.44-foo").
-public struct KernelVersion: Comparable, Sendable, CustomStringConvertible {
-    public var parts: [Int]
-    public init?(_ release: String) {
-        let head = release.prefix { $0.isNumber || $0 == "." }
-        let p = head.split(separator: ".").compactMap { Int($0) }
-        guard p.count >= 2 else { return nil }
-        parts = Array(p.prefix(3))
-    }
-    /// 6.2 == 6.2.0.
-    public static func == (a: KernelVersion, b: KernelVersion) -> Bool { !(a < b) && !(b < a) }
-    public static func < (a: KernelVersion, b: KernelVersion) -> Bool {
-        for i in 0..<max(a.parts.count, b.parts.count) {
-            let x = i < a.parts.count ? a.parts[i] : 0, y = i < b.parts.count ? b.parts[i] : 0
-            if x != y { return x < y }
-        }
-        return false
-    }
-    public var description: String { parts.map(String.init).joined(separator: ".") }
-}
-
-/// Case x kernel table: what each kernel showed, against what history expects.
+/// Case x kernel table. Each cell is judged one of two ways:
+/// - against upstream history (`ExpectedVerdicts`): expected, regression,
+///   newly fixed, or unknown where history cannot decide;
+/// - against a baseline column (`baseline:`), for a base and a patched
+///   kernel: unchanged, newly decoherent, newly coherent. This needs no
+///   history at all.
+/// Policy facts (a pin taken or refused) are judged beside the verdict, in
+/// `Cell.policyMark`, never as a regression.
 public struct Matrix: Codable, Sendable {
-    public enum Mark: String, Codable, Sendable {
+    public enum Mark: String, Codable, Sendable, CaseIterable {
         /// As history says.
         case expected
         /// Decoherent where history says fixed.
         case regression
         /// Coherent where history says broken.
         case newlyFixed = "newly-fixed"
-        /// Decoherent or coherent with no history for it.
+        /// History cannot decide on this kernel, or has no rule for the case.
         case unknown
+        /// Baseline mode: the same verdict as on the baseline kernel.
+        case unchanged
+        /// Baseline mode: decoherent here, coherent on the baseline.
+        case newlyDecoherent = "newly-decoherent"
+        /// Baseline mode: coherent here, decoherent on the baseline.
+        case newlyCoherent = "newly-coherent"
         case skip, error, missing
+    }
+
+    public enum PolicyMark: String, Codable, Sendable {
+        /// As upstream's rule (or the baseline) says.
+        case expected
+        /// Taken where the rule says refused, or the other way round.
+        case differs
+        /// No rule for the case or the release.
+        case unknown
     }
 
     public struct Cell: Codable, Sendable {
@@ -79,12 +45,17 @@ public struct Matrix: Codable, Sendable {
         public var expected: Verdict.Kind?
         public var mark: Mark
         public var reason: String?
+        /// History's reasoning for this release ("coherent since 5.19: ...").
+        public var because: String?
+        /// The policy fact the case observed, if any ("taken", "refused (EFAULT)").
+        public var policy: String?
+        public var policyExpected: String?
+        public var policyMark: PolicyMark?
     }
 
     public struct Row: Codable, Sendable {
         public var id: String
         public var family: String?
-        public var fix: String?
         public var cells: [Cell]
     }
 
@@ -95,67 +66,289 @@ public struct Matrix: Codable, Sendable {
 
     public var columns: [Column]
     public var rows: [Row]
+    /// The label of the baseline column, in baseline mode.
+    public var baseline: String?
 
-    public init(expected: ExpectedVerdicts, runs: [(label: String, doc: JSONReporter.Document)]) {
-        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+    public typealias Run = (label: String, doc: JSONReporter.Document)
+
+    /// The case ids of the runs, in catalog order (unknown ids after).
+    static func ids(_ runs: [Run]) -> [String] {
         var ids: [String] = []
         var seen = Set<String>()
-        for id in Catalog.all.map(\.id) + runs.flatMap({ $0.doc.results.map(\.id) }) where !seen.contains(id) {
-            if runs.contains(where: { $0.doc.results.contains { $0.id == id } }) {
-                ids.append(id)
-                seen.insert(id)
-            }
+        let ran = Set(runs.flatMap { $0.doc.results.map(\.id) })
+        for id in Catalog.all.map(\.id) + runs.flatMap({ $0.doc.results.map(\.id) }) where ran.contains(id) && !seen.contains(id) {
+            ids.append(id)
+            seen.insert(id)
         }
-        rows = ids.map { id in
-            let f = expected.family(of: id)
+        return ids
+    }
+
+    /// Judged against upstream history.
+    public init(expected history: ExpectedVerdicts, runs: [Run]) {
+        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+        rows = Self.ids(runs).map { id in
             let cells = runs.map { run -> Cell in
-                let want = expected.expected(id, release: run.doc.kernel.release)
-                guard let r = run.doc.results.last(where: { $0.id == id }) else {
-                    return Cell(verdict: nil, expected: want, mark: .missing, reason: nil)
+                let release = run.doc.kernel.release
+                let want = history.expectation(id, release: release)
+                var cell = Cell(verdict: nil, expected: want?.kind, mark: .missing, reason: nil)
+                switch want {
+                case .verdict(_, let because)?: cell.because = because
+                case .unknown(let why)?: cell.because = why
+                case nil: cell.because = "no history for this case"
                 }
-                return Cell(verdict: r.verdict, expected: want, mark: Self.mark(r.verdict, want), reason: r.reason)
+                guard let r = run.doc.results.last(where: { $0.id == id }) else { return cell }
+                cell.verdict = r.verdict
+                cell.reason = r.reason
+                cell.mark = Self.mark(r.verdict, want)
+                if let p = r.policy {
+                    cell.policy = p.allowance.description
+                    if let (allowance, because) = history.expectedPolicy(id, release: release) {
+                        cell.policyExpected = "\(allowance)"
+                        cell.policyMark = allowance == p.allowance ? .expected : .differs
+                        if allowance != p.allowance { cell.because = "upstream's rule: \(because)" }
+                    } else {
+                        cell.policyMark = .unknown
+                    }
+                }
+                return cell
             }
-            return Row(id: id, family: f?.cases, fix: f?.fix, cells: cells)
+            return Row(id: id, family: history.family(of: id)?.cases, cells: cells)
         }
     }
 
-    static func mark(_ got: Verdict.Kind, _ want: Verdict.Kind?) -> Mark {
+    /// Judged against the column labelled `baseline` (which must be one of the runs).
+    public init(baseline: String, runs: [Run]) {
+        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+        self.baseline = baseline
+        let base = runs.first { $0.label == baseline }
+        rows = Self.ids(runs).map { id in
+            let b = base?.doc.results.last { $0.id == id }
+            let cells = runs.map { run -> Cell in
+                guard let r = run.doc.results.last(where: { $0.id == id }) else {
+                    return Cell(verdict: nil, expected: b?.verdict, mark: .missing, reason: nil)
+                }
+                var cell = Cell(verdict: r.verdict, expected: b?.verdict, mark: Self.mark(r.verdict, baseline: b?.verdict), reason: r.reason)
+                if let p = r.policy {
+                    cell.policy = p.allowance.description
+                    if let bp = b?.policy {
+                        cell.policyExpected = bp.allowance.description
+                        cell.policyMark = bp.allowance == p.allowance ? .expected : .differs
+                    } else {
+                        cell.policyMark = .unknown
+                    }
+                }
+                return cell
+            }
+            return Row(id: id, family: nil, cells: cells)
+        }
+    }
+
+    static func mark(_ got: Verdict.Kind, _ want: ExpectedVerdicts.Expectation?) -> Mark {
         switch got {
         case .skip: return .skip
         case .error: return .error
-        case .xfail, .xpass: return .expected
-        case .coherent, .decoherent:
-            guard let want else { return .unknown }
-            if got == want { return .expected }
-            return got == .decoherent ? .regression : .newlyFixed
+        default: break
         }
+        guard case .verdict(let w, _)? = want else { return .unknown }
+        // XFAIL is decoherence upstream documents as unfixed, XPASS its absence.
+        let broken: (Verdict.Kind) -> Bool = { $0 == .decoherent || $0 == .xfail }
+        if broken(got) == broken(w) { return .expected }
+        return broken(got) ? .regression : .newlyFixed
+    }
+
+    static func mark(_ got: Verdict.Kind, baseline: Verdict.Kind?) -> Mark {
+        switch got {
+        case .skip: return .skip
+        case .error: return .error
+        default: break
+        }
+        guard let b = baseline, ![.skip, .error].contains(b) else { return .unknown }
+        let broken: (Verdict.Kind) -> Bool = { $0 == .decoherent || $0 == .xfail }
+        if broken(got) == broken(b) { return .unchanged }
+        return broken(got) ? .newlyDecoherent : .newlyCoherent
     }
 
     public func count(_ m: Mark, column: Int) -> Int { rows.filter { $0.cells[column].mark == m }.count }
+    public func policyDifferences(column: Int) -> Int { rows.filter { $0.cells[column].policyMark == .differs }.count }
+
+    /// The marks a `--check` fails on.
+    public static let failing: Set<Mark> = [.regression, .newlyFixed, .unknown, .newlyDecoherent, .newlyCoherent, .error]
 
     public var markdown: String {
         var l: [String] = []
+        if let baseline { l.append("Judged against the baseline kernel `\(baseline)`.\n") }
         l.append("| case | " + columns.map { "\($0.label) (\($0.release))" }.joined(separator: " | ") + " |")
         l.append("|---|" + columns.map { _ in "---|" }.joined())
         for r in rows {
             let cells = r.cells.map { c -> String in
-                let v = c.verdict?.rawValue ?? "not run"
+                var v = c.verdict?.rawValue ?? "not run"
                 switch c.mark {
-                case .expected: return v
-                case .regression: return "**\(v): REGRESSION**"
-                case .newlyFixed: return "**\(v): newly fixed**"
-                case .unknown: return "\(v) (no history)"
-                case .skip, .error, .missing: return v
+                case .expected, .unchanged, .skip, .error, .missing: break
+                case .regression: v = "**\(v): REGRESSION**"
+                case .newlyFixed: v = "**\(v): newly fixed**"
+                case .newlyDecoherent: v = "**\(v): NEWLY DECOHERENT**"
+                case .newlyCoherent: v = "**\(v): newly coherent**"
+                case .unknown: v = "\(v) (unknown: \(c.because ?? "no baseline verdict"))"
                 }
+                if let p = c.policy {
+                    v += c.policyMark == .differs ? "; pin **\(p), rule says \(c.policyExpected ?? "?")**" : "; pin \(p)"
+                }
+                return v
             }
             l.append("| `\(r.id)` | " + cells.joined(separator: " | ") + " |")
         }
         l.append("")
+        let marks: [Mark] = baseline == nil
+            ? [.expected, .regression, .newlyFixed, .unknown, .skip, .error, .missing]
+            : [.unchanged, .newlyDecoherent, .newlyCoherent, .unknown, .skip, .error, .missing]
         for (i, c) in columns.enumerated() {
-            let counts = [Mark.expected, .regression, .newlyFixed, .unknown, .skip, .error, .missing]
-                .map { "\($0.rawValue) \(count($0, column: i))" }.joined(separator: ", ")
-            l.append("- \(c.label) (\(c.release)): \(counts)")
+            let counts = marks.map { "\($0.rawValue) \(count($0, column: i))" } + ["policy differs \(policyDifferences(column: i))"]
+            l.append("- \(c.label) (\(c.release)): \(counts.joined(separator: ", "))")
         }
         return l.joined(separator: "\n")
     }
+}
+
+/// The kind of memory a case's backing is, for the summary grid: the classes
+/// upstream's fixes are specific to.
+public enum BackingClass: String, CaseIterable, Codable, Sendable {
+    case base, thpPMD = "thp-pmd", thpPTE = "thp-pte", mthp, swapped, hugetlb, ksm, zeropage, pagecache
+
+    /// The class of a case id's backing (its last path component).
+    public static func of(_ caseID: String) -> BackingClass {
+        let b = caseID.split(separator: "/").last.map(String.init) ?? caseID
+        if b.hasSuffix("-swapped") { return .swapped }
+        if b.contains("hugetlb") && !b.hasSuffix("-private") && !caseID.hasPrefix("longterm-file/") { return .hugetlb }
+        if b == "ksm-page" { return .ksm }
+        if b.contains("zeropage") || b == "anon-unpopulated" { return .zeropage }
+        if ["memfd", "tmpfs", "ext4"].contains(where: { b.hasPrefix($0) }) { return .pagecache }
+        if b == "thp-pmd" { return .thpPMD }
+        if b.hasPrefix("mthp-") { return .mthp }
+        if b.hasPrefix("thp-") { return .thpPTE }
+        return .base
+    }
+}
+
+extension Matrix {
+    /// The families (first component of the case ids), in row order.
+    var families: [String] {
+        rows.reduce(into: [String]()) { list, r in
+            let f = String(r.id.split(separator: "/").first ?? "")
+            if !list.contains(f) { list.append(f) }
+        }
+    }
+
+    /// The cells of one kernel column for a family and a backing class.
+    func cells(family f: String, _ cls: BackingClass, column i: Int) -> [Cell] {
+        rows.filter { $0.id.hasPrefix(f + "/") && BackingClass.of($0.id) == cls }.map { $0.cells[i] }
+    }
+
+    /// Families (the first component of a case id) x backing classes, one panel
+    /// per kernel: in each cell the number of cases as judged, and the marks that
+    /// need a look (R regression, F newly fixed, N newly decoherent, C newly
+    /// coherent, U unknown, E error); "-" where nothing ran. Short enough for a mail.
+    public var summary: String {
+        let classes = BackingClass.allCases
+        let letters: [(Mark, String)] = [(.regression, "R"), (.newlyFixed, "F"), (.newlyDecoherent, "N"), (.newlyCoherent, "C"),
+                                         (.unknown, "U"), (.error, "E")]
+        let width = max(14, (families.map(\.count).max() ?? 0) + 1)
+        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+        var out: [String] = []
+        for (i, column) in columns.enumerated() {
+            out.append("\(column.label) (\(column.release))\(baseline.map { ", against \($0)" } ?? ", against upstream history")")
+            out.append(pad("", width) + classes.map { pad($0.rawValue, 10) }.joined().trimmingTrailingSpaces)
+            for f in families {
+                var line = pad(f, width)
+                for cls in classes {
+                    let cells = cells(family: f, cls, column: i)
+                    let judged = cells.filter { ![.skip, .missing].contains($0.mark) }
+                    guard !judged.isEmpty else {
+                        line += pad(cells.isEmpty ? "" : "-", 10)
+                        continue
+                    }
+                    let fine = judged.filter { $0.mark == .expected || $0.mark == .unchanged }.count
+                    let broken = judged.filter { ($0.mark == .expected || $0.mark == .unchanged) && ($0.verdict == .decoherent || $0.verdict == .xfail) }.count
+                    var text = broken > 0 ? "\(fine)(\(broken)d)" : "\(fine)"
+                    for (m, l) in letters {
+                        let n = judged.filter { $0.mark == m }.count
+                        if n > 0 { text += " \(n)\(l)" }
+                    }
+                    line += pad(text, 10)
+                }
+                out.append(line.trimmingTrailingSpaces)
+            }
+            out.append("")
+        }
+        out.append("Each cell: cases as \(baseline == nil ? "history expects" : "on the baseline") (of them d decoherent or xfail); R regression, F newly fixed, N newly decoherent, C newly coherent, U unknown, E error; - nothing ran.")
+        return out.joined(separator: "\n")
+    }
+}
+
+extension String {
+    var trimmingTrailingSpaces: String { String(reversed().drop { $0 == " " }.reversed()) }
+}
+
+extension Matrix {
+    /// The summary grid as a picture for dashboards: one panel per kernel,
+    /// families x backing classes, each cell coloured by the judgment that
+    /// needs the most attention there, with its counts.
+    public var svg: String {
+        let classes = BackingClass.allCases
+        let cellW = 74, cellH = 22, labelW = 150, headH = 44, gap = 28
+        let panelH = headH + families.count * cellH
+        let legendH = 74
+        let width = labelW + classes.count * cellW + 20
+        let height = columns.count * (panelH + gap) + legendH
+        func esc(_ s: String) -> String {
+            s.replacingAll("&", "&amp;").replacingAll("<", "&lt;").replacingAll(">", "&gt;")
+        }
+        // Colour per judgment, most attention first.
+        let palette: [(String, String, (Cell) -> Bool)] = [
+            ("regression / newly decoherent", "#d73027", { $0.mark == .regression || $0.mark == .newlyDecoherent }),
+            ("error", "#4d4d4d", { $0.mark == .error }),
+            ("newly fixed / newly coherent", "#4575b4", { $0.mark == .newlyFixed || $0.mark == .newlyCoherent }),
+            ("unknown", "#b15bd6", { $0.mark == .unknown }),
+            ("decoherent, as expected", "#fdae61", { ($0.mark == .expected || $0.mark == .unchanged) && ($0.verdict == .decoherent || $0.verdict == .xfail) }),
+            ("coherent, as expected", "#66bd63", { $0.mark == .expected || $0.mark == .unchanged }),
+            ("skipped", "#e0e0e0", { $0.mark == .skip || $0.mark == .missing }),
+        ]
+        var o = ["<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(width)\" height=\"\(height)\" font-family=\"DejaVu Sans, sans-serif\" font-size=\"11\">",
+                 "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>"]
+        for (i, column) in columns.enumerated() {
+            let y0 = i * (panelH + gap) + 10
+            let title = "\(column.label) (\(column.release))" + (baseline.map { ", against \($0)" } ?? ", against upstream history")
+            o.append("<text x=\"10\" y=\"\(y0 + 14)\" font-size=\"13\" font-weight=\"bold\">\(esc(title))</text>")
+            for (c, cls) in classes.enumerated() {
+                o.append("<text x=\"\(labelW + c * cellW + cellW / 2)\" y=\"\(y0 + headH - 8)\" text-anchor=\"middle\">\(cls.rawValue)</text>")
+            }
+            for (r, f) in families.enumerated() {
+                let y = y0 + headH + r * cellH
+                o.append("<text x=\"10\" y=\"\(y + 15)\">\(esc(f))</text>")
+                for (c, cls) in classes.enumerated() {
+                    let cells = cells(family: f, cls, column: i)
+                    guard !cells.isEmpty else { continue }
+                    let colour = palette.first { p in cells.contains(where: p.2) }?.1 ?? "#ffffff"
+                    let judged = cells.filter { ![.skip, .missing].contains($0.mark) }.count
+                    let flagged = cells.filter { Matrix.failing.contains($0.mark) }.count
+                    let label = judged == 0 ? "-" : flagged > 0 ? "\(flagged)/\(judged)" : "\(judged)"
+                    let x = labelW + c * cellW
+                    o.append("<rect x=\"\(x + 1)\" y=\"\(y + 1)\" width=\"\(cellW - 2)\" height=\"\(cellH - 2)\" fill=\"\(colour)\" stroke=\"#ffffff\"/>")
+                    o.append("<text x=\"\(x + cellW / 2)\" y=\"\(y + 15)\" text-anchor=\"middle\" fill=\"\(colour == "#4d4d4d" || colour == "#d73027" || colour == "#4575b4" ? "white" : "black")\">\(label)</text>")
+                }
+            }
+        }
+        let ly = columns.count * (panelH + gap) + 10
+        for (k, p) in palette.enumerated() {
+            let x = 10 + (k % 4) * 190, y = ly + (k / 4) * 22
+            o.append("<rect x=\"\(x)\" y=\"\(y)\" width=\"14\" height=\"14\" fill=\"\(p.1)\"/>")
+            o.append("<text x=\"\(x + 20)\" y=\"\(y + 11)\">\(esc(p.0))</text>")
+        }
+        o.append("<text x=\"10\" y=\"\(ly + 52)\" fill=\"#555555\">cell: cases judged (flagged/judged where some need a look); colour: the judgment that needs the most attention</text>")
+        o.append("</svg>")
+        return o.joined(separator: "\n")
+    }
+}
+
+extension String {
+    func replacingAll(_ a: String, _ b: String) -> String { split(separator: a, omittingEmptySubsequences: false).joined(separator: b) }
 }

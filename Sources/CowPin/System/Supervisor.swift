@@ -122,6 +122,8 @@ public final class Supervisor {
         /// The case run it said it started, and when.
         var running: (number: Int, since: UInt64)?
         var startedAny = false
+        /// Why it gave up, when it said so before exiting (it could not start).
+        var fatal: String?
 
         init(pid: pid_t, commands: Int32, messages: Int32) {
             self.pid = pid
@@ -169,6 +171,7 @@ public final class Supervisor {
 
         func handle(_ m: WorkerMessage, from slot: Slot) {
             if let p = m.probe { begin(p) }
+            if let f = m.fatal { slot.fatal = f }
             if let n = m.started { slot.running = (n, monotonicNs()) }
             if let w = m.result {
                 slot.running = nil
@@ -188,7 +191,7 @@ public final class Supervisor {
             if slot.commands >= 0 { close(slot.commands) }
             let outcome = wait(for: slot.pid)
             if ended && outcome.finished && slot.assigned.isEmpty { return }
-            let death = outcome.description, hint = outcome.hint
+            let death = outcome.description + (slot.fatal.map { " (\($0))" } ?? ""), hint = outcome.hint
             let restored = Self.recover()
             let during = slot.running.map { " during \(caseRun($0.number).c.id)" }
                 ?? (ended ? " after the last case" : slot.startedAny ? " between cases" : " before its first case")
@@ -217,8 +220,15 @@ public final class Supervisor {
         func receive(ended: Bool = false) {
             var fds = slots.map { pollfd(fd: $0.messages, events: Int16(POLLIN), revents: 0) }
             guard !fds.isEmpty else { return }
-            let r = poll(&fds, nfds_t(fds.count), -1)
+            let r = poll(&fds, nfds_t(fds.count), Self.livenessMs)
             if r < 0 { return }  // EINTR: look again
+            if r == 0 {
+                // No message for a while. A worker that is dying (SIGKILLed) may
+                // not get to close its pipe: a thread of it waits for the answer of
+                // its own FUSE server, which died with it. Abort that connection.
+                if slots.contains(where: { FuseServer.ownerGone($0.pid) }) { FuseServer.removeStale() }
+                return
+            }
             var chunk = [UInt8](repeating: 0, count: 1 << 16)
             for (i, slot) in slots.enumerated().reversed() where fds[i].revents != 0 {
                 let n = read(slot.messages, &chunk, chunk.count)
@@ -310,8 +320,19 @@ public final class Supervisor {
             return nil
         }
         // The worker's ends, above the fds it is given (dup2 onto itself would keep O_CLOEXEC).
-        let msgOut = fcntl(msg[1], F_DUPFD_CLOEXEC, 10), cmdIn = fcntl(cmd[0], F_DUPFD_CLOEXEC, 10)
+        let msgOut = fcntl(msg[1], F_DUPFD_CLOEXEC, 10)
+        let dupErr1 = errno
+        let cmdIn = fcntl(cmd[0], F_DUPFD_CLOEXEC, 10)
+        let dupErr2 = errno
         close(msg[1]); close(cmd[0])
+        guard msgOut >= 0 && cmdIn >= 0 else {
+            // Out of file descriptors (RLIMIT_NOFILE): say so, start nothing.
+            for fd in [msgOut, cmdIn, msg[0], cmd[1]] where fd >= 0 { close(fd) }
+            // EINVAL: RLIMIT_NOFILE is at most 10, so no descriptor from 10 up exists: out of them too.
+            let e = msgOut < 0 ? dupErr1 : dupErr2
+            errno = e == EINVAL ? EMFILE : e
+            return nil
+        }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         posix_spawn_file_actions_adddup2(&actions, cmdIn, 0)
@@ -386,7 +407,7 @@ public final class Supervisor {
 
         var description: String {
             switch how {
-            case .finished: return "exited (status 0) before its cases were done"
+            case .finished: return "exited (status 0)"
             case .exited(let code): return "exited with status \(code)"
             case .killed(let sig): return "was killed by \(signalDescription(sig))"
             }
@@ -426,6 +447,10 @@ public final class Supervisor {
 
     /// waitpid() for a worker that exits (or was killed), aborting the FUSE
     /// connection that keeps a dying worker from exiting, if one does.
+    /// How long the supervisor waits for a message before it looks whether a
+    /// worker is dying without closing its pipe.
+    static let livenessMs: Int32 = 200
+
     static func reap(_ pid: pid_t, _ status: inout Int32) -> pid_t {
         var waitedMs = 0
         while true {
@@ -463,12 +488,17 @@ public final class Supervisor {
         for pid in pids { kill(pid, sig) }
         let deadline = monotonicNs() + Self.graceMs * 1_000_000
         var left = pids
+        var rounds = 0
         while !left.isEmpty && monotonicNs() < deadline {
             for pid in left {
                 var status: Int32 = 0
                 let r = waitpid(pid, &status, WNOHANG)
                 if r == pid || (r < 0 && errno == ECHILD) { left.remove(pid) }
             }
+            // A worker stuck on its own dead FUSE server cannot exit until
+            // the connection is aborted.
+            rounds += 1
+            if rounds % 20 == 0 { FuseServer.removeStale() }
             if !left.isEmpty { usleep(5_000) }
         }
         for pid in left {
@@ -549,11 +579,14 @@ public struct WorkerMessage: Codable {
     public var probe: Probe?
     public var started: Int?
     public var result: WorkerResult?
+    /// The worker cannot go on (it could not start: EMFILE, EAGAIN...), and why.
+    public var fatal: String?
 
-    public init(probe: Probe? = nil, started: Int? = nil, result: WorkerResult? = nil) {
+    public init(probe: Probe? = nil, started: Int? = nil, result: WorkerResult? = nil, fatal: String? = nil) {
         self.probe = probe
         self.started = started
         self.result = result
+        self.fatal = fatal
     }
 
     static let startedPrefix = Array("{\"started\":".utf8)
@@ -582,6 +615,7 @@ public struct WorkerResult: Codable, Equatable {
     public var durationNs: UInt64
     public var phases: Phases?
     public var notes: [String]?
+    public var policy: PolicyObservation?
 
     init(number: Int, id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, reference: String?, evidence: Evidence?,
          durationNs: UInt64, phases: Phases?, notes: [String]?) {
@@ -600,6 +634,7 @@ public struct WorkerResult: Codable, Equatable {
     public init(_ r: CaseResult, number: Int) {
         self.number = number
         notes = r.notes.isEmpty ? nil : r.notes
+        policy = r.policy
         id = r.id
         iteration = r.iteration
         verdict = r.verdict.kind
@@ -625,7 +660,7 @@ public struct WorkerResult: Codable, Equatable {
         case .xpass: v = .xpass(reason: reason ?? "", reference: reference ?? "")
         case .error: v = .error(reason ?? "")
         }
-        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases, notes: notes ?? [])
+        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases, notes: notes ?? [], policy: policy)
     }
 }
 
@@ -664,6 +699,9 @@ public final class WorkerChannel: Reporter {
     }
 
     public func begin(planned: Int, probe: Probe) { send(WorkerMessage(probe: probe)) }
+
+    /// Tells the supervisor why this worker cannot go on, before it exits.
+    public func fatal(_ why: String) { send(WorkerMessage(fatal: why)) }
     // A case's start and a result without evidence (most of them) are
     // written by hand: JSONEncoder would cost the worker ~50 us a message.
     public func started(_ c: Case, iteration: Int, number: Int) { send(Array("{\"started\":\(number)}".utf8)) }
@@ -675,7 +713,7 @@ public final class WorkerChannel: Reporter {
     /// The message line of a result.
     public static func resultLine(_ r: CaseResult, number: Int, encoder: JSONEncoder = JSONEncoder()) -> String {
         let w = WorkerResult(r, number: number)
-        guard w.evidence == nil && w.notes == nil else {
+        guard w.evidence == nil && w.notes == nil && w.policy == nil else {
             return (try? encoder.encode(WorkerMessage(result: w))).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
         }
         let phases = w.phases.map { "\($0.memoryNs),\($0.scenarioNs),\($0.cleanupNs)" } ?? ""

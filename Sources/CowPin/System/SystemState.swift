@@ -13,6 +13,33 @@ public final class SystemState: @unchecked Sendable {
         access("/run", W_OK) == 0 ? "/run/cowpin" : "/var/tmp/cowpin"
     }
 
+    /// The cross-process lock: one for the machine, whoever runs. Root and
+    /// non-root runs keep their journals apart (a non-root process cannot
+    /// write /run), but they must serialize on one lock, or a root run changes
+    /// the knobs a non-root run's cases depend on. /dev/shm is a tmpfs every
+    /// user can create in (sticky).
+    public static var lockPath: String {
+        var st = stat()
+        return stat("/dev/shm", &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR ? "/dev/shm/cowpin.lock" : directory + "/lock"
+    }
+
+    /// Opens the lock file whoever created it: read-write if we may, else
+    /// read-only (flock needs no write access), created (0644) if missing.
+    /// Without O_CREAT first: in a sticky directory fs.protected_regular
+    /// refuses O_CREAT of a file another user owns.
+    static func openLock() -> Int32 {
+        let path = lockPath
+        mkdir(directory, 0o700)
+        for flags in [O_RDWR, O_RDONLY] {
+            let fd = open(path, flags | O_CLOEXEC)
+            if fd >= 0 { return fd }
+            if errno == ENOENT { break }
+        }
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        if fd >= 0 { fchmod(fd, 0o644) }
+        return fd >= 0 ? fd : open(path, O_RDONLY | O_CLOEXEC)
+    }
+
     /// One undoable change, as a journal line.
     enum Change {
         /// A sysfs/procfs value and what it held before.
@@ -48,6 +75,11 @@ public final class SystemState: @unchecked Sendable {
                 let err = writeFile(p, old)
                 return "\(p) = \(old)" + (err.map { " (failed: \(Errno.name($0)))" } ?? "")
             case .zramSwap(let n):
+                // Another live run that uses the device (it journaled it too)
+                // keeps it: the last user removes it.
+                if let other = SystemState.otherLiveUsers(ofZram: n).first {
+                    return "left /dev/zram\(n) to pid \(other), which still swaps to it"
+                }
                 let off = cp_swapoff("/dev/zram\(n)")
                 let removed = writeFile("/sys/class/zram-control/hot_remove", String(n))
                 return "swapoff and removed /dev/zram\(n)" + (off < 0 && off != -EINVAL ? " (swapoff: \(Errno.name(-off)))" : "")
@@ -138,11 +170,10 @@ public final class SystemState: @unchecked Sendable {
     @discardableResult
     private func takeLock() throws -> [String] {
         guard lockFD < 0 else { return [] }
-        mkdir(Self.directory, 0o700)
-        lockFD = open(Self.directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        lockFD = Self.openLock()
         var waitedUs = 0, pause = 1_000
         while lockFD >= 0 && flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
-            if waitedUs >= 30_000_000 { throw CaseSkip("another cowpin run holds \(Self.directory)/lock (it is changing system state)") }
+            if waitedUs >= 30_000_000 { throw CaseSkip("another cowpin run holds \(Self.lockPath) (it is changing system state)") }
             usleep(UInt32(pause))
             waitedUs += pause
             pause = min(2 * pause, 50_000)
@@ -226,8 +257,29 @@ public final class SystemState: @unchecked Sendable {
     /// created, formatted and enabled here. It stays for the rest of the run
     /// (journaled: removed at the end, on SIGINT/SIGTERM, or by the next run).
     public func ensureSwap() throws {
+        // Under the lock, so that two runs never both create a device; beside
+        // other cases the supervisor holds it (and set the swap up already).
+        if besideOthers { return try ensureSwapLocked() }
+        try withLock { try ensureSwapLocked() }
+    }
+
+    private func ensureSwapLocked() throws {
         let active = ProbeParsing.swaps(readFile("/proc/swaps") ?? "")
-        if !active.isEmpty { return }
+        if !active.isEmpty {
+            // A zram device another cowpin run created: use it as one of its
+            // users (journaled like our own), so that the run which created it
+            // does not remove it while this one depends on it.
+            for name in active.map(\.name) {
+                guard name.hasPrefix("/dev/zram"), let n = Int(name.dropFirst("/dev/zram".count)),
+                      !Self.otherLiveUsers(ofZram: n).isEmpty else { continue }
+                let mine = state.with { changes in changes.contains { if case .zramSwap(n) = $0 { return true } else { return false } } }
+                if !mine {
+                    registerExitHook()
+                    try journal(.zramSwap(device: n), lock: false)
+                }
+            }
+            return
+        }
         guard access("/sys/class/zram-control/hot_add", F_OK) == 0 else {
             throw CaseSkip("no swap device, and no zram to create one (CONFIG_ZRAM, module zram)")
         }
@@ -283,6 +335,18 @@ public final class SystemState: @unchecked Sendable {
     }
 
     /// Call with the cross-process lock held.
+    /// Live cowpin processes other than this one whose journal names zram device `n`.
+    static func otherLiveUsers(ofZram n: Int) -> [Int32] {
+        listDirectory(directory).compactMap { name -> Int32? in
+            guard name.hasPrefix("journal-"), let pid = Int32(name.dropFirst("journal-".count)), pid != getpid(), processAlive(pid),
+                  let text = readFile(directory + "/" + name) else { return nil }
+            let uses = text.split(separator: "\n").compactMap(Change.init(line:)).contains {
+                if case .zramSwap(n) = $0 { return true } else { return false }
+            }
+            return uses ? pid : nil
+        }
+    }
+
     private static func restoreJournalsOfTheDead() -> [String] {
         var restored: [String] = []
         for name in listDirectory(directory) where name.hasPrefix("journal-") {
@@ -301,6 +365,23 @@ public final class SystemState: @unchecked Sendable {
 public enum Emergency {
     static let actions = Locked<[Int: (String, () -> Void)]>([:])
     static let next = Locked(0)
+    /// The terminating signal the signal thread took, if any.
+    static let taken = Locked<Int32?>(nil)
+
+    /// Call when the run is done, before exiting with its status: a SIGINT,
+    /// SIGTERM or SIGHUP that arrived meanwhile (pending, or being handled
+    /// by the signal thread) wins, and the run exits 128+signal as promised.
+    /// Returns when no such signal came.
+    public static func exitIfSignalled() {
+        if taken.with({ $0 }) != nil { while true { pause() } }  // the signal thread exits
+        var pending = sigset_t()
+        sigemptyset(&pending)
+        guard sigpending(&pending) == 0 else { return }
+        for s in [SIGINT, SIGTERM, SIGHUP] where sigismember(&pending, s) == 1 {
+            // The signal thread takes it from here (sigwait), cleans up and exits 128+s.
+            while true { pause() }
+        }
+    }
 
     /// Registers `body` (described by `what`); returns a token for `remove`.
     public static func add(_ what: String, _ body: @escaping () -> Void) -> Int {
@@ -352,6 +433,7 @@ public enum Emergency {
             var s = blocked
             var sig: Int32 = 0
             while sigwait(&s, &sig) != 0 {}
+            taken.with { $0 = sig }
             // The cleanup kills children: a write to one's pipe must not end
             // the process by SIGPIPE before the cleanup is done.
             signal(SIGPIPE, SIG_IGN)

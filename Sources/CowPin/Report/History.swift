@@ -199,12 +199,6 @@ public struct ExpectedVerdicts: Codable, Sendable {
         guard let last = done.last else { return (r.initially, "\(r.initially) before any change: \(r.history)") }
         return (last.0.becomes, "\(last.0.becomes) since \(last.1.release): \(last.1.citation)")
     }
-
-    /// Every mainline release a rule of this file turns on, in order: the
-    /// kernels where an expectation can change.
-    public var releases: [KernelVersion] {
-        Set(changes.values.map(\.release)).compactMap(KernelVersion.init).sorted()
-    }
 }
 
 func readLink(_ path: String) -> String? {

@@ -51,6 +51,14 @@ public struct Matrix: Codable, Sendable {
         public var policy: String?
         public var policyExpected: String?
         public var policyMark: PolicyMark?
+
+        /// Records the policy fact seen and how it compares with what was
+        /// expected (upstream's rule, or the baseline's); unknown without one.
+        mutating func judgePolicy(_ seen: PinAllowance, against expected: PinAllowance?) {
+            policy = seen.description
+            policyExpected = expected?.description
+            policyMark = expected.map { $0 == seen ? .expected : .differs } ?? .unknown
+        }
     }
 
     public struct Row: Codable, Sendable {
@@ -83,12 +91,18 @@ public struct Matrix: Codable, Sendable {
         return ids
     }
 
+    /// Each run's results by case id (the last of its iterations).
+    static func byID(_ runs: [Run]) -> [[String: JSONReporter.Result]] {
+        runs.map { run in Dictionary(run.doc.results.map { ($0.id, $0) }, uniquingKeysWith: { _, last in last }) }
+    }
+
     /// Judged against upstream history.
     public init(expected history: ExpectedVerdicts, runs: [Run]) {
         columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+        let results = Self.byID(runs)
         rows = Self.ids(runs).map { id in
-            let cells = runs.map { run -> Cell in
-                let release = run.doc.kernel.release
+            let cells = runs.indices.map { i -> Cell in
+                let release = runs[i].doc.kernel.release
                 let want = history.expectation(id, release: release)
                 var cell = Cell(verdict: nil, expected: want?.kind, mark: .missing, reason: nil)
                 switch want {
@@ -96,19 +110,14 @@ public struct Matrix: Codable, Sendable {
                 case .unknown(let why)?: cell.because = why
                 case nil: cell.because = "no history for this case"
                 }
-                guard let r = run.doc.results.last(where: { $0.id == id }) else { return cell }
+                guard let r = results[i][id] else { return cell }
                 cell.verdict = r.verdict
                 cell.reason = r.reason
                 cell.mark = Self.mark(r.verdict, want)
                 if let p = r.policy {
-                    cell.policy = p.allowance.description
-                    if let (allowance, because) = history.expectedPolicy(id, release: release) {
-                        cell.policyExpected = "\(allowance)"
-                        cell.policyMark = allowance == p.allowance ? .expected : .differs
-                        if allowance != p.allowance { cell.because = "upstream's rule: \(because)" }
-                    } else {
-                        cell.policyMark = .unknown
-                    }
+                    let rule = history.expectedPolicy(id, release: release)
+                    cell.judgePolicy(p.allowance, against: rule?.0)
+                    if let rule, cell.policyMark == .differs { cell.because = "upstream's rule: \(rule.because)" }
                 }
                 return cell
             }
@@ -120,23 +129,16 @@ public struct Matrix: Codable, Sendable {
     public init(baseline: String, runs: [Run]) {
         columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
         self.baseline = baseline
-        let base = runs.first { $0.label == baseline }
+        let results = Self.byID(runs)
+        let base = runs.firstIndex { $0.label == baseline }.map { results[$0] } ?? [:]
         rows = Self.ids(runs).map { id in
-            let b = base?.doc.results.last { $0.id == id }
-            let cells = runs.map { run -> Cell in
-                guard let r = run.doc.results.last(where: { $0.id == id }) else {
+            let b = base[id]
+            let cells = runs.indices.map { i -> Cell in
+                guard let r = results[i][id] else {
                     return Cell(verdict: nil, expected: b?.verdict, mark: .missing, reason: nil)
                 }
                 var cell = Cell(verdict: r.verdict, expected: b?.verdict, mark: Self.mark(r.verdict, baseline: b?.verdict), reason: r.reason)
-                if let p = r.policy {
-                    cell.policy = p.allowance.description
-                    if let bp = b?.policy {
-                        cell.policyExpected = bp.allowance.description
-                        cell.policyMark = bp.allowance == p.allowance ? .expected : .differs
-                    } else {
-                        cell.policyMark = .unknown
-                    }
-                }
+                if let p = r.policy { cell.judgePolicy(p.allowance, against: b?.policy?.allowance) }
                 return cell
             }
             return Row(id: id, family: nil, cells: cells)

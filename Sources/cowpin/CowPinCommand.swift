@@ -117,7 +117,7 @@ struct Run: ParsableCommand {
     @Flag(help: "No progress line and recap on a terminal's stderr.")
     var quiet = false
 
-    @Flag(name: .customLong("dry-run"), help: "Check the arguments and the selection, print how many case runs it would make, run nothing (exit 0, or 2).")
+    @Flag(name: .customLong("dry-run"), help: "Check the arguments and the selection, print the selected case ids and how many case runs it would make, run nothing (exit 0, or 2).")
     var dryRun = false
 
     @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"),
@@ -152,6 +152,8 @@ struct Run: ParsableCommand {
         }
         do { _ = try FaultInjection.fromEnvironment() } catch { throw ValidationError("\(error)") }
         if dryRun {
+            // The ids on stdout: scripts/vm-run gives the guest only what they need.
+            for c in cases { print(c.id) }
             fputs("cowpin: would run \(cases.count * repeatCount) case run(s)\n", stderr)
             return
         }

@@ -1,3 +1,4 @@
+import CowPin
 import Foundation
 import Testing
 

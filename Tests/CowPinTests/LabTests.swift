@@ -90,13 +90,15 @@ struct LabTests {
         guard access("/usr/bin/lava-run", X_OK) == 0 else { recordSkip("lava-run is not installed (Debian: lava-dispatcher)"); return }
         guard geteuid() == 0 else { recordSkip("lava-run runs as root only"); return }
         let dir = try Self.tempDir()
-        defer { _ = try? CLITests.run(["-rf", dir], via: ["/bin/rm"], binary: false) }
+        let job = "cowpin-validate-\(getpid())"
+        // lava-run keeps a directory per job id, even for --validate.
+        defer { _ = try? CLITests.run(["-rf", dir, "/var/lib/lava/dispatcher/tmp/" + job], via: ["/bin/rm"], binary: false) }
         // lava-run --validate checks that the files exist and that QEMU is there; the content is not booted.
         for f in ["kernel", "initramfs.cpio.gz"] { try "x".write(toFile: dir + "/" + f, atomically: true, encoding: .utf8) }
         let r = try CLITests.run(["lava/render", "--url", "file://\(dir)/kernel", "--ramdisk-url", "file://\(dir)/initramfs.cpio.gz",
                                   "--no-initramfs", "--filter", "iouring-fixed/*", "--out", dir], via: [], binary: false)
         #expect(r.status == 0, "\(r.stderr)")
-        let v = try CLITests.run(["--validate", "--job-id", "cowpin-validate-\(getpid())", "--output-dir", dir + "/run",
+        let v = try CLITests.run(["--validate", "--job-id", job, "--output-dir", dir + "/run",
                                   "--device", dir + "/device.yaml", dir + "/job.yaml"], via: ["/usr/bin/lava-run"], binary: false)
         #expect(v.status == 0, "\(v.stderr.suffix(3000))")
         #expect(v.stderr.contains("\"case\": \"validate\", \"definition\": \"lava\", \"result\": \"pass\""), "\(v.stderr.suffix(3000))")

@@ -3,7 +3,6 @@ import PackageDescription
 
 let package = Package(
     name: "cowpin",
-    platforms: [.macOS(.v13)],
     products: [
         .executable(name: "cowpin", targets: ["cowpin"]),
         .library(name: "CowPin", targets: ["CowPin"]),

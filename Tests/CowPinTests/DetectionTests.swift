@@ -99,7 +99,7 @@ struct DetectionTests {
     /// hold keeps the pages pinned across whatever the case does meanwhile.
     static let droppedRead = Scenario(
         id: "selftest/odirect-read-dontneed", summary: "held read, MADV_DONTNEED", steps: [], tags: ["selftest"],
-        requires: ODirectCases.requirement
+        requires: { ODirectCases.requirement($0) }
     ) { ctx in
         let server = try ctx.fuseServer()
         let fd = try ctx.open(server)

@@ -39,7 +39,6 @@ int cp_pmd_mapped(void *addr, size_t len);
 int cp_mremap_fixed(void *old_addr, size_t len, void *new_addr);
 
 enum {
-    CP_PROT_NONE = 0,
     CP_PROT_READ = 1,
     CP_PROT_READ_WRITE = 3,
 };
@@ -192,7 +191,7 @@ int cp_report_matches(const struct cp_report *r, const void *view);
 /* r->status, read after the child wrote it (enum cp_report_status). */
 uint32_t cp_report_status(const struct cp_report *r);
 
-/* Child exit codes (other than an explicit CP_OP_EXIT). */
+/* Child exit codes. */
 enum {
     CP_CHILD_OK = 0,
     CP_CHILD_OP_FAILED = 101,

@@ -33,7 +33,7 @@ public enum ODirectCases {
                          _ body: @escaping @Sendable (CaseContext, Region, Submitter) throws -> Void) -> Scenario {
         Scenario(id: "\(id(sub))/\(event)", summary: "O_DIRECT via \(sub.summary): \(summary)", steps: steps,
                  tags: ["odirect", "fuse", id(sub), "fork"] + tags,
-                 requires: requirement) { ctx in try body(ctx, ctx.region, sub) }
+                 requires: { requirement($0) }) { ctx in try body(ctx, ctx.region, sub) }
     }
 
     /// A held O_DIRECT read into the first half of the region's first page.

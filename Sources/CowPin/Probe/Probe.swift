@@ -222,17 +222,6 @@ public struct Probe: Codable, Sendable, Equatable {
     }
 }
 
-func listDirectory(_ path: String) -> [String] {
-    guard let d = opendir(path) else { return [] }
-    defer { closedir(d) }
-    var names: [String] = []
-    while let e = readdir(d) {
-        let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        if name != "." && name != ".." { names.append(name) }
-    }
-    return names
-}
-
 /// Pure parsers for the files the probe reads (unit-tested on fixed text).
 public enum ProbeParsing {
     /// "always [madvise] never" -> "madvise".

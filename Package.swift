@@ -9,6 +9,8 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // FileDescriptor, Errno and FilePath: descriptors the Swift side owns.
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         // liburing, found through pkg-config (Debian/Ubuntu: liburing-dev).
@@ -28,7 +30,7 @@ let package = Package(
         ),
         .target(
             name: "CowPin",
-            dependencies: ["CCowPin"],
+            dependencies: ["CCowPin", .product(name: "SystemPackage", package: "swift-system")],
             path: "Sources/CowPin"
         ),
         .executableTarget(

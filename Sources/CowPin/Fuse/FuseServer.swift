@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// cowpin's own FUSE file system, served over the raw /dev/fuse protocol from
 /// a thread of this process. It has one file, `data`, opened with
@@ -33,7 +34,7 @@ public final class FuseServer {
     public var readData: Content { state.with { $0.readData } }
     /// The bound of every wait (the current case's).
     var timeoutMs: Int32
-    let devFD: Int32
+    let devFD: FileDescriptor
     let commands: OSPipe
     let events: OSPipe
     let state = Locked(State(readData: .zero))
@@ -193,19 +194,20 @@ public final class FuseServer {
         var template = Array("/tmp/\(Self.mountPrefix)\(getpid())-XXXXXX".utf8CString)
         guard let dir = mkdtemp(&template) else { throw SyscallError("mkdtemp(/tmp)", errno: errno) }
         mountpoint = String(cString: dir)
-        let fd = open("/dev/fuse", O_RDWR | O_CLOEXEC)
-        if fd < 0 {
-            let e = errno
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open("/dev/fuse", .readWrite, options: .closeOnExec)
+        } catch {
             rmdir(mountpoint)
-            throw SyscallError("open(/dev/fuse)", errno: e)
+            throw SyscallError("open(/dev/fuse)", error)
         }
         devFD = fd
         commands = try OSPipe()
         events = try OSPipe()
-        let options = "fd=\(fd),rootmode=40000,user_id=\(getuid()),group_id=\(getgid())"
+        let options = "fd=\(fd.rawValue),rootmode=40000,user_id=\(getuid()),group_id=\(getgid())"
         if mount("cowpin", mountpoint, "fuse", UInt(MS_NOSUID | MS_NODEV), options) != 0 {
             let e = errno
-            close(fd)
+            try? fd.close()
             rmdir(mountpoint)
             if e == EPERM { throw CaseSkip("mounting FUSE needs CAP_SYS_ADMIN (mount(2) returned EPERM)") }
             throw SyscallError("mount(fuse, \(mountpoint))", errno: e)
@@ -213,7 +215,7 @@ public final class FuseServer {
         mounted = true
         let (point, dev) = (mountpoint, fd)
         emergency = Emergency.add("unmounted \(point)") {
-            close(dev)
+            try? dev.close()
             umount2(point, Int32(MNT_DETACH))
             rmdir(point)
         }
@@ -247,8 +249,7 @@ public final class FuseServer {
                 _ = poll(&p, 1, pollMs)
                 // close() of a duplicate flushes without releasing the file (a
                 // RELEASE is sent asynchronously and could land in a later hold).
-                let other = dup(fd)
-                if other >= 0 { close(other) }
+                try? FileDescriptor(rawValue: fd).duplicate().close()
             }
             outcome.with { $0 = (fd, err) }
             cp_signal(done.writeEnd)
@@ -292,7 +293,7 @@ public final class FuseServer {
     /// Waits (bounded) until a request is queued on /dev/fuse (the gate being
     /// closed, nobody reads it): for a WRITE, the writer's pages are pinned.
     public func awaitQueuedRequest() throws {
-        let r = cp_wait_readable(devFD, timeoutMs)
+        let r = cp_wait_readable(devFD.rawValue, timeoutMs)
         if r == -ETIMEDOUT { throw doubt("FUSE: no request queued within \(timeoutMs) ms") }
         try check("poll(/dev/fuse)", r)
     }
@@ -331,7 +332,7 @@ public final class FuseServer {
             umount2(mountpoint, Int32(MNT_DETACH))
             rmdir(mountpoint)
             mounted = false
-            close(devFD)
+            try? devFD.close()
             Emergency.remove(emergency)
         }
     }

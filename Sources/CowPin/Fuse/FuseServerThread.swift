@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// The server thread: reads requests from /dev/fuse and answers them, holding
 /// a READ or leaving requests queued (the gate) when the case asks.
@@ -13,7 +14,7 @@ extension FuseServer {
         while true {
             let gateOpen = state.with { $0.gateOpen }
             var fds = [pollfd(fd: commands.readEnd, events: Int16(POLLIN), revents: 0)]
-            if gateOpen { fds.append(pollfd(fd: devFD, events: Int16(POLLIN), revents: 0)) }
+            if gateOpen { fds.append(pollfd(fd: devFD.rawValue, events: Int16(POLLIN), revents: 0)) }
             let r = poll(&fds, nfds_t(fds.count), -1)
             if r < 0 {
                 if errno == EINTR { continue }
@@ -32,10 +33,14 @@ extension FuseServer {
                 continue // re-check the gate before reading /dev/fuse
             }
             if fds.count > 1 && fds[1].revents != 0 {
-                let n = read(devFD, buffer.baseAddress, buffer.count)
-                if n < 0 {
-                    if errno == EINTR || errno == ENOENT || errno == EAGAIN { continue }
-                    state.with { $0.failure = "read(/dev/fuse): \(Errno.name(errno))" }
+                let n: Int
+                do {
+                    n = try devFD.read(into: buffer, retryOnInterrupt: false)
+                } catch let e as Errno {
+                    if e == .interrupted || e == .noSuchFileOrDirectory || e == .resourceTemporarilyUnavailable { continue }
+                    state.with { $0.failure = "read(/dev/fuse): \(e.name)" }
+                    return
+                } catch {
                     return
                 }
                 handle(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
@@ -198,7 +203,7 @@ extension FuseServer {
         withUnsafeMutableBytes(of: &h) { hb in
             iov[0] = iovec(iov_base: hb.baseAddress, iov_len: hb.count)
             iov[1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: payload.baseAddress), iov_len: payload.count)
-            _ = writev(devFD, iov, payload.count > 0 ? 2 : 1)
+            _ = writev(devFD.rawValue, iov, payload.count > 0 ? 2 : 1)
         }
     }
 }

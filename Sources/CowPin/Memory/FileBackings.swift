@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// The files cowpin maps, as kselftest mm/cow.c and mm/gup_longterm.c do: a
 /// memfd (shmem), a file on tmpfs, a file on ext4 (a file system that tracks

@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// Reads /proc/PID/pagemap, /proc/kpageflags and /proc/self/smaps.
 public enum PageInfo {

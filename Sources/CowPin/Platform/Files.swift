@@ -1,4 +1,5 @@
 import Glibc
+import SystemPackage
 
 /// The whole content of a (proc, sys) file, as bytes, or nil.
 public func readBytes(_ path: String) -> [UInt8]? {
@@ -8,15 +9,12 @@ public func readBytes(_ path: String) -> [UInt8]? {
 /// A file's content up to `limit` bytes; a longer file (or an endless one
 /// like /dev/zero) is `InputTooLarge`, nil when it cannot be opened or read.
 public func readBytes(_ path: String, limit: Int) throws -> [UInt8]? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
+    guard let fd = try? FileDescriptor.open(FilePath(path), .readOnly, options: .closeOnExec) else { return nil }
+    defer { try? fd.close() }
     var data = [UInt8]()
     var chunk = [UInt8](repeating: 0, count: 65536)
     while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n < 0 && errno == EINTR { continue }
-        if n < 0 { return nil }
+        guard let n = try? chunk.withUnsafeMutableBytes({ try fd.read(into: $0) }) else { return nil }
         if n == 0 { break }
         guard data.count + n <= limit else { throw InputTooLarge(path: path, limit: limit) }
         data += chunk[0..<n]
@@ -39,12 +37,16 @@ public func readFile(_ path: String) -> String? {
 /// Writes `value` to a (sys) file; nil on success, else the errno.
 @discardableResult
 public func writeFile(_ path: String, _ value: String) -> Int32? {
-    let fd = open(path, O_WRONLY | O_CLOEXEC)
-    guard fd >= 0 else { return errno }
-    defer { close(fd) }
-    let bytes = Array(value.utf8)
-    let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-    return n == bytes.count ? nil : errno
+    do {
+        let fd = try FileDescriptor.open(FilePath(path), .writeOnly, options: .closeOnExec)
+        return try fd.closeAfter {
+            let bytes = Array(value.utf8)
+            let n = try bytes.withUnsafeBytes { try fd.write($0) }
+            return n == bytes.count ? nil : EIO
+        }
+    } catch {
+        return (error as? Errno)?.rawValue ?? EIO
+    }
 }
 
 /// The names in a directory but `.` and `..`; empty when it cannot be read.

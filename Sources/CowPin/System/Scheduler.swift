@@ -1,4 +1,6 @@
 import Glibc
+import SystemPackage
+import SystemPackage
 
 /// One `Supervisor.run`: hands the case runs of each phase to workers, reads
 /// what they send, reaps the ones that end, and reports the results in the
@@ -7,10 +9,10 @@ final class Scheduler {
     /// A running worker, as the scheduler sees it.
     final class Slot {
         let pid: pid_t
-        /// The write end of the worker's stdin (its commands); -1 once closed.
-        var commands: Int32
+        /// The write end of the worker's stdin (its commands); nil once closed.
+        private(set) var commands: FileDescriptor?
         /// The read end of its fd 3 (its messages).
-        let messages: Int32
+        let messages: FileDescriptor
         var pending: [UInt8] = []
         /// The case runs sent to it and not finished, in the order it runs them.
         var assigned: [Int] = []
@@ -20,10 +22,16 @@ final class Scheduler {
         /// Why it gave up, when it said so before exiting (it could not start).
         var fatal: String?
 
-        init(pid: pid_t, commands: Int32, messages: Int32) {
+        init(pid: pid_t, commands: FileDescriptor, messages: FileDescriptor) {
             self.pid = pid
             self.commands = commands
             self.messages = messages
+        }
+
+        /// Ends its commands: the worker cleans up and exits.
+        func closeCommands() {
+            try? commands?.close()
+            commands = nil
         }
     }
 
@@ -51,10 +59,7 @@ final class Scheduler {
     func run() -> Totals {
         for phase in supervisor.phases() { run(phase) }
         // The workers clean up and exit when their commands end.
-        for slot in slots {
-            close(slot.commands)
-            slot.commands = -1
-        }
+        for slot in slots { slot.closeCommands() }
         while !slots.isEmpty { receive(ended: true) }
         SystemState.shared.restore()
         begin(nil)
@@ -95,8 +100,11 @@ final class Scheduler {
             let busy = slots.filter { !$0.assigned.isEmpty }
             var slot = busy.count < width ? slots.first { $0.assigned.isEmpty } : nil
             if slot == nil && busy.count < width && slots.count < supervisor.jobs {
-                guard let new = supervisor.spawn() else {
-                    let why = "could not be started: \(Errno.name(errno))"
+                let new: Slot
+                do {
+                    new = try supervisor.spawn()
+                } catch {
+                    let why = "could not be started: \(error.name)"
                     fputs("cowpin: a worker \(why)\n", stderr)
                     died("it \(why)")
                     break
@@ -107,7 +115,7 @@ final class Scheduler {
             guard let slot = slot ?? busy.filter({ $0.assigned.count < Supervisor.ahead }).min(by: { $0.assigned.count < $1.assigned.count })
             else { break }
             let line = Array("\(n) \(beside ? "beside" : "alone")\n".utf8)
-            let sent = line.withUnsafeBytes { write(slot.commands, $0.baseAddress, $0.count) } == line.count
+            let sent = (try? line.withUnsafeBytes { try slot.commands?.write($0) }) == line.count
             // A worker that cannot take it is dead: its end of file comes next.
             guard sent else { break }
             slot.assigned.append(n)
@@ -150,8 +158,8 @@ final class Scheduler {
     /// unless it exited 0 after its commands ended (`ended`).
     private func reap(_ slot: Slot, ended: Bool) {
         slots.removeAll { $0 === slot }
-        close(slot.messages)
-        if slot.commands >= 0 { close(slot.commands) }
+        try? slot.messages.close()
+        slot.closeCommands()
         let outcome = supervisor.wait(for: slot.pid)
         if ended && outcome.finished && slot.assigned.isEmpty { return }
         let death = outcome.description + (slot.fatal.map { " (\($0))" } ?? ""), hint = outcome.hint
@@ -181,7 +189,7 @@ final class Scheduler {
 
     /// Reads what the workers sent, waiting for the next message; reaps the ones that ended.
     private func receive(ended: Bool = false) {
-        var fds = slots.map { pollfd(fd: $0.messages, events: Int16(POLLIN), revents: 0) }
+        var fds = slots.map { pollfd(fd: $0.messages.rawValue, events: Int16(POLLIN), revents: 0) }
         guard !fds.isEmpty else { return }
         let r = poll(&fds, nfds_t(fds.count), Supervisor.livenessMs)
         if r < 0 { return }  // EINTR: look again
@@ -194,9 +202,9 @@ final class Scheduler {
         }
         var chunk = [UInt8](repeating: 0, count: 1 << 16)
         for (i, slot) in slots.enumerated().reversed() where fds[i].revents != 0 {
-            let n = read(slot.messages, &chunk, chunk.count)
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 {
+            // EINTR is retried; an error or the end of file: the worker is gone.
+            let n = (try? chunk.withUnsafeMutableBytes { try slot.messages.read(into: $0) }) ?? 0
+            if n == 0 {
                 reap(slot, ended: ended)
                 continue
             }

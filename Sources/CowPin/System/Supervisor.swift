@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -123,36 +124,40 @@ public final class Supervisor {
         return Scheduler(self, reporter: reporter).run()
     }
 
-    /// Starts a worker; nil (errno set) when it cannot be started.
-    func spawn() -> Scheduler.Slot? {
-        var msg: [Int32] = [-1, -1], cmd: [Int32] = [-1, -1]
-        var r = cp_pipe(&msg)
-        if r == 0 {
-            r = cp_pipe(&cmd)
-            if r != 0 { close(msg[0]); close(msg[1]) }
-        }
-        guard r == 0 else {
-            errno = -r
-            return nil
+    /// Starts a worker; throws why it cannot be started.
+    func spawn() throws(Errno) -> Scheduler.Slot {
+        let msg = try FileDescriptor.pipe(options: .closeOnExec)
+        let cmd: (readEnd: FileDescriptor, writeEnd: FileDescriptor)
+        do {
+            cmd = try FileDescriptor.pipe(options: .closeOnExec)
+        } catch {
+            close(msg)
+            throw error
         }
         // The worker's ends, above the fds it is given (dup2 onto itself would keep O_CLOEXEC).
-        let msgOut = fcntl(msg[1], F_DUPFD_CLOEXEC, 10)
-        let dupErr1 = errno
-        let cmdIn = fcntl(cmd[0], F_DUPFD_CLOEXEC, 10)
-        let dupErr2 = errno
-        close(msg[1]); close(cmd[0])
-        guard msgOut >= 0 && cmdIn >= 0 else {
-            // Out of file descriptors (RLIMIT_NOFILE): say so, start nothing.
-            for fd in [msgOut, cmdIn, msg[0], cmd[1]] where fd >= 0 { close(fd) }
-            // EINVAL: RLIMIT_NOFILE is at most 10, so no descriptor from 10 up exists: out of them too.
-            let e = msgOut < 0 ? dupErr1 : dupErr2
-            errno = e == EINVAL ? EMFILE : e
-            return nil
+        // Out of file descriptors (RLIMIT_NOFILE): say so, start nothing.
+        let msgOut: FileDescriptor, cmdIn: FileDescriptor
+        do {
+            msgOut = try Self.duplicateAbove9(msg.writeEnd)
+        } catch {
+            close(msg)
+            close(cmd)
+            throw error
         }
+        do {
+            cmdIn = try Self.duplicateAbove9(cmd.readEnd)
+        } catch {
+            try? msgOut.close()
+            close(msg)
+            close(cmd)
+            throw error
+        }
+        try? msg.writeEnd.close()
+        try? cmd.readEnd.close()
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
-        posix_spawn_file_actions_adddup2(&actions, cmdIn, 0)
-        posix_spawn_file_actions_adddup2(&actions, msgOut, 3)
+        posix_spawn_file_actions_adddup2(&actions, cmdIn.rawValue, 0)
+        posix_spawn_file_actions_adddup2(&actions, msgOut.rawValue, WorkerChannel.fd)
         let cargv = command.map { strdup($0) } + [nil]
         // Under the lock: an interrupt either sees this worker or stops the spawn.
         var pid: pid_t = 0
@@ -164,14 +169,28 @@ public final class Supervisor {
         }
         cargv.forEach { free($0) }
         posix_spawn_file_actions_destroy(&actions)
-        close(msgOut); close(cmdIn)
+        try? msgOut.close()
+        try? cmdIn.close()
         if spawned == EINTR && shared.with({ $0.interrupted }) { park() }
         guard spawned == 0 else {
-            close(msg[0]); close(cmd[1])
-            errno = spawned
-            return nil
+            try? msg.readEnd.close()
+            try? cmd.writeEnd.close()
+            throw Errno(rawValue: spawned)
         }
-        return Scheduler.Slot(pid: pid, commands: cmd[1], messages: msg[0])
+        return Scheduler.Slot(pid: pid, commands: cmd.writeEnd, messages: msg.readEnd)
+    }
+
+    private func close(_ pipe: (readEnd: FileDescriptor, writeEnd: FileDescriptor)) {
+        try? pipe.readEnd.close()
+        try? pipe.writeEnd.close()
+    }
+
+    /// A close-on-exec duplicate numbered 10 or more (F_DUPFD_CLOEXEC).
+    static func duplicateAbove9(_ fd: FileDescriptor) throws(Errno) -> FileDescriptor {
+        let r = fcntl(fd.rawValue, F_DUPFD_CLOEXEC, 10)
+        // EINVAL: RLIMIT_NOFILE is at most 10, so no descriptor from 10 up exists: out of them too.
+        guard r >= 0 else { throw errno == EINVAL ? .tooManyOpenFiles : Errno(rawValue: errno) }
+        return FileDescriptor(rawValue: r)
     }
 
     /// Reaps a worker whose messages ended. A worker killed while a thread

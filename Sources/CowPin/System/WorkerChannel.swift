@@ -1,9 +1,11 @@
 import Glibc
+import SystemPackage
 
 /// The worker's reporter: writes `WorkerMessage`s to the supervisor's pipe, one a line.
 public final class WorkerChannel: Reporter {
     /// The fd the supervisor gives the worker for its messages.
     public static let fd: Int32 = 3
+    private let out = FileDescriptor(rawValue: WorkerChannel.fd)
     let codec: WorkerCodec = WireCodec()
 
     public init() {}
@@ -17,14 +19,11 @@ public final class WorkerChannel: Reporter {
     func send(_ m: WorkerMessage) {
         var bytes = codec.encode(m)
         bytes.append(10)
-        bytes.withUnsafeBytes { raw in
-            var off = 0
-            while off < raw.count {
-                let n = write(Self.fd, raw.baseAddress! + off, raw.count - off)
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 { Self.supervisorGone() }
-                off += n
-            }
+        // EINTR is retried; a pipe without a reader (EPIPE) means the supervisor died.
+        do {
+            _ = try out.writeAll(bytes)
+        } catch {
+            Self.supervisorGone()
         }
     }
 

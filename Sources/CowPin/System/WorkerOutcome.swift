@@ -1,4 +1,5 @@
 import Glibc
+import SystemPackage
 
 extension Supervisor {
     /// How a worker ended.
@@ -48,15 +49,20 @@ extension Supervisor {
     /// The kernel log's line about the OOM killer killing `pid`: nil when the
     /// log cannot be read, .some(nil) when it has no such line.
     static func oomKill(of pid: pid_t) -> String?? {
-        let fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
+        guard let fd = try? FileDescriptor.open("/dev/kmsg", .readOnly, options: [.nonBlocking, .closeOnExec]) else { return nil }
+        defer { try? fd.close() }
         var found: String?
         var record = [UInt8](repeating: 0, count: 8192)
         while true {
-            let n = read(fd, &record, record.count)
-            if n < 0 && errno == EPIPE { continue }  // a record was overwritten while reading
-            if n <= 0 { break }
+            let n: Int
+            do {
+                n = try record.withUnsafeMutableBytes { try fd.read(into: $0) }
+            } catch Errno.brokenPipe {
+                continue  // a record was overwritten while reading
+            } catch {
+                break  // EAGAIN: the end of the log
+            }
+            if n == 0 { break }
             // "prio,seq,usec,flags;Out of memory: Killed process PID (cowpin) ..."
             let text = String(decoding: record[0..<n], as: UTF8.self)
             guard let semi = text.firstIndex(of: ";") else { continue }

@@ -20,17 +20,23 @@ let package = Package(
             pkgConfig: "liburing",
             providers: [.apt(["liburing-dev"])]
         ),
+        // zlib, for /proc/config.gz (Debian/Ubuntu: zlib1g-dev).
+        .systemLibrary(
+            name: "CZlib",
+            path: "CShims/CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
         // Thin, typed C over the syscalls, and every line that runs in a child after fork().
         .target(
             name: "CCowPin",
             dependencies: ["CLiburing"],
             path: "CShims/CCowPin",
-            cSettings: [.define("_GNU_SOURCE")],
-            linkerSettings: [.linkedLibrary("z")]
+            cSettings: [.define("_GNU_SOURCE")]
         ),
         .target(
             name: "CowPin",
-            dependencies: ["CCowPin", .product(name: "SystemPackage", package: "swift-system")],
+            dependencies: ["CCowPin", "CZlib", .product(name: "SystemPackage", package: "swift-system")],
             path: "Sources/CowPin"
         ),
         .executableTarget(

@@ -63,6 +63,8 @@ enum {
     CP_MADV_COLLAPSE = 25,
 };
 
+long cp_page_size(void);
+
 /* Read one byte of every page (a read fault: maps the zeropage or pagecache). */
 void cp_touch_read(const void *addr, size_t len, size_t page_size);
 /* Fill [addr, addr+len) with cowpin's position-dependent pattern for seed. */
@@ -70,26 +72,10 @@ void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset);
 /* Byte `offset` of the pattern for seed (what cp_fill_pattern writes there). */
 uint8_t cp_pattern_byte(uint32_t seed, size_t offset);
 
-/* A byte range where two buffers differ. */
-struct cp_range {
-    uint64_t offset;
-    uint64_t length;
-};
-/* Ranges where a and b differ; differing runs closer than `gap` bytes are
- * merged. Writes at most max ranges, returns the total number found. */
-size_t cp_diff_ranges(const void *a, const void *b, size_t len, size_t gap,
-                      struct cp_range *out, size_t max);
-/* Number of differing bytes, and of pages (page_size) holding at least one. */
-void cp_diff_count(const void *a, const void *b, size_t len, size_t page_size,
-                   uint64_t *bytes, uint64_t *pages);
 /* 1 when every byte of buf equals byte. */
 int cp_all_equal(const void *buf, size_t len, uint8_t byte);
 /* 1 when buf matches cowpin's pattern for seed at base_offset. */
 int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_offset);
-
-/* The value (kB) of field `key` ("AnonHugePages") of the VMA holding addr in
- * smaps text, or -1. */
-long cp_smaps_value(const char *text, size_t len, uint64_t addr, const char *key);
 
 /* ---- file descriptors -------------------------------------------------- */
 
@@ -268,15 +254,6 @@ enum { CP_VFIO_BAR0 = 0, CP_VFIO_CONFIG = 7 };
 int cp_write_swap_header(const char *device, uint64_t size, size_t page_size);
 int cp_swapon(const char *device);
 int cp_swapoff(const char *device);
-
-/* ---- misc ---------------------------------------------------------------- */
-
-long cp_page_size(void);
-/* Human readable errno text into buf (strerror_r). */
-const char *cp_strerror(int err, char *buf, size_t len);
-int cp_getrlimit_memlock(uint64_t *soft, uint64_t *hard);
-/* Read a gzip file (e.g. /proc/config.gz) into buf: bytes read or -errno. */
-ssize_t cp_read_gzip(const char *path, void *buf, size_t len);
 
 #ifdef __cplusplus
 }

@@ -111,9 +111,29 @@ public enum PageInfo {
 
     /// Parses smaps text: the "Key: N kB" value of the VMA holding `address`.
     public static func smapsValue(_ key: String, in text: [UInt8], containing address: UInt64) -> Int? {
-        let v = text.withUnsafeBufferPointer { b in
-            b.withMemoryRebound(to: CChar.self) { cp_smaps_value($0.baseAddress, $0.count, address, key) }
+        let key = Array(key.utf8)
+        var inside = false
+        for line in text.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false) {
+            // A VMA header starts with "lo-hi "; field lines start with "Key:".
+            if let (lo, hi) = vmaRange(line) {
+                if inside { return nil }
+                inside = address >= lo && address < hi
+                continue
+            }
+            guard inside, line.count > key.count, line.starts(with: key), line[line.startIndex + key.count] == UInt8(ascii: ":") else { continue }
+            let digits = line.dropFirst(key.count + 1).drop { $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "\t") }
+                .prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+            return Int(String(decoding: digits, as: UTF8.self)) ?? 0
         }
-        return v < 0 ? nil : v
+        return nil
+    }
+
+    /// The addresses of a smaps VMA header line ("7f00-7f20 rw-p ..."); nil for another line.
+    static func vmaRange(_ line: ArraySlice<UInt8>) -> (UInt64, UInt64)? {
+        guard let dash = line.firstIndex(of: UInt8(ascii: "-")), dash > line.startIndex,
+              let space = line[dash...].firstIndex(of: UInt8(ascii: " ")),
+              let lo = UInt64(String(decoding: line[..<dash], as: UTF8.self), radix: 16),
+              let hi = UInt64(String(decoding: line[(dash + 1)..<space], as: UTF8.self), radix: 16) else { return nil }
+        return (lo, hi)
     }
 }

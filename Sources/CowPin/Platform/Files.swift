@@ -1,3 +1,4 @@
+import CZlib
 import Glibc
 import SystemPackage
 
@@ -59,4 +60,20 @@ func listDirectory(_ path: String) -> [String] {
         if name != "." && name != ".." { names.append(name) }
     }
     return names
+}
+
+/// The decompressed content of a gzip file, at most `limit` bytes; nil when it cannot be opened or read.
+public func readGzip(_ path: String, limit: Int) -> [UInt8]? {
+    guard let f = gzopen(path, "rb") else { return nil }
+    defer { gzclose(f) }
+    var data = [UInt8](repeating: 0, count: limit)
+    var done = 0
+    while done < limit {
+        let n = data.withUnsafeMutableBytes { gzread(f, $0.baseAddress! + done, UInt32(Swift.min(limit - done, 1 << 30))) }
+        if n < 0 { return nil }
+        if n == 0 { break }
+        done += Int(n)
+    }
+    data.removeSubrange(done...)
+    return data
 }

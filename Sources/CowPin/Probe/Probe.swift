@@ -1,4 +1,5 @@
 import CCowPin
+import CZlib
 import Glibc
 
 /// What the running kernel offers cowpin, read from /proc, /sys and a few syscalls.
@@ -111,10 +112,10 @@ public struct Probe: Codable, Sendable, Equatable {
     public static var isRoot: Bool { geteuid() == 0 }
 
     public static func memlockLimit() -> Limit {
-        var soft: UInt64 = 0, hard: UInt64 = 0
-        guard cp_getrlimit_memlock(&soft, &hard) == 0 else { return Limit(soft: nil, hard: nil) }
-        let inf = UInt64.max
-        return Limit(soft: soft == inf ? nil : soft, hard: hard == inf ? nil : hard)
+        var r = rlimit()
+        guard getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &r) == 0 else { return Limit(soft: nil, hard: nil) }
+        let inf = rlim_t.max  // RLIM_INFINITY
+        return Limit(soft: r.rlim_cur == inf ? nil : UInt64(r.rlim_cur), hard: r.rlim_max == inf ? nil : UInt64(r.rlim_max))
     }
 
     /// Probes the running kernel.
@@ -275,10 +276,8 @@ public struct KernelConfig: Sendable {
 
     /// The configuration, or only `keys` of it (a config has thousands of lines).
     public static func current(keys: Set<String>? = nil) -> KernelConfig? {
-        var buf = [UInt8](repeating: 0, count: 1 << 20)
-        let n = buf.withUnsafeMutableBytes { cp_read_gzip("/proc/config.gz", $0.baseAddress, $0.count) }
-        if n > 0 {
-            return KernelConfig(source: "/proc/config.gz", values: parse(String(decoding: buf[0..<n], as: UTF8.self), keys: keys))
+        if let text = readGzip("/proc/config.gz", limit: 1 << 20), !text.isEmpty {
+            return KernelConfig(source: "/proc/config.gz", values: parse(String(decoding: text, as: UTF8.self), keys: keys))
         }
         var u = utsname()
         uname(&u)

@@ -22,17 +22,15 @@ public enum PageInfo {
 
     /// The pagemap entry of the page at `address` in process `pid` ("self" when nil).
     public static func entry(pid: Int32? = nil, address: UnsafeRawPointer) -> Entry? {
-        let fd: Int32
-        if let pid {
-            fd = open("/proc/\(pid)/pagemap", O_RDONLY | O_CLOEXEC)
-        } else {
-            fd = ownPagemap
-        }
-        guard fd >= 0 else { return nil }
-        defer { if pid != nil { close(fd) } }
         let index = UInt(bitPattern: address) / UInt(cp_page_size())
         var raw: UInt64 = 0
-        guard cp_pread_full(fd, &raw, 8, Int64(index * 8)) == 8 else { return nil }
+        guard let pid else {
+            guard ownPagemap >= 0, cp_pread_full(ownPagemap, &raw, 8, Int64(index * 8)) == 8 else { return nil }
+            return Entry(raw: raw)
+        }
+        guard let fd = try? FileDescriptor.open(FilePath("/proc/\(pid)/pagemap"), .readOnly, options: .closeOnExec) else { return nil }
+        defer { try? fd.close() }
+        guard cp_pread_full(fd.rawValue, &raw, 8, Int64(index * 8)) == 8 else { return nil }
         return Entry(raw: raw)
     }
 

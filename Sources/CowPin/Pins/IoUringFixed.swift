@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// io_uring fixed buffers: IORING_REGISTER_BUFFERS takes a long-term R/W pin
 /// (FOLL_PIN | FOLL_LONGTERM | FOLL_WRITE). The pin's view is observed with
@@ -140,31 +141,33 @@ final class IoUringFixed: Pin {
 /// copy back. Files up to 4 MiB are kept for the next view of the same size
 /// (their pages stay allocated: no shmem allocation and clearing per read).
 final class MemfdView {
-    let fd: Int32
+    let descriptor: FileDescriptor
+    var fd: Int32 { descriptor.rawValue }
     let base: UnsafeMutableRawPointer
     let size: Int
     static let pool = SizePool<MemfdView>()
 
     private init(size: Int) throws {
-        let fd = try check("memfd_create", cp_memfd_create("cowpin-pin-view", 0))
-        guard ftruncate(fd, off_t(size)) == 0 else {
-            let e = errno
-            cp_close(fd)
-            throw SyscallError("ftruncate(memfd, \(size))", errno: e)
+        let fd = FileDescriptor(rawValue: try check("memfd_create", cp_memfd_create("cowpin-pin-view", 0)))
+        do {
+            try fd.resize(to: Int64(size))
+        } catch {
+            try? fd.close()
+            throw SyscallError("ftruncate(memfd, \(size))", error)
         }
         var err: Int32 = 0
-        guard let p = cp_mmap_fd(size, Int32(CP_PROT_READ), 1, fd, 0, &err) else {
-            cp_close(fd)
+        guard let p = cp_mmap_fd(size, Int32(CP_PROT_READ), 1, fd.rawValue, 0, &err) else {
+            try? fd.close()
             throw SyscallError("mmap(memfd, MAP_SHARED)", errno: err)
         }
-        self.fd = fd
+        self.descriptor = fd
         self.base = p
         self.size = size
     }
 
     deinit {
         cp_munmap(base, size)
-        cp_close(fd)
+        try? descriptor.close()
     }
 
     var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }

@@ -131,7 +131,7 @@ public final class Supervisor {
         do {
             cmd = try FileDescriptor.pipe(options: .closeOnExec)
         } catch {
-            close(msg)
+            closeBoth(msg)
             throw error
         }
         // The worker's ends, above the fds it is given (dup2 onto itself would keep O_CLOEXEC).
@@ -140,16 +140,16 @@ public final class Supervisor {
         do {
             msgOut = try Self.duplicateAbove9(msg.writeEnd)
         } catch {
-            close(msg)
-            close(cmd)
+            closeBoth(msg)
+            closeBoth(cmd)
             throw error
         }
         do {
             cmdIn = try Self.duplicateAbove9(cmd.readEnd)
         } catch {
             try? msgOut.close()
-            close(msg)
-            close(cmd)
+            closeBoth(msg)
+            closeBoth(cmd)
             throw error
         }
         try? msg.writeEnd.close()
@@ -180,7 +180,7 @@ public final class Supervisor {
         return Scheduler.Slot(pid: pid, commands: cmd.writeEnd, messages: msg.readEnd)
     }
 
-    private func close(_ pipe: (readEnd: FileDescriptor, writeEnd: FileDescriptor)) {
+    private func closeBoth(_ pipe: (readEnd: FileDescriptor, writeEnd: FileDescriptor)) {
         try? pipe.readEnd.close()
         try? pipe.writeEnd.close()
     }

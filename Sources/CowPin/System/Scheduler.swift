@@ -132,12 +132,19 @@ final class Scheduler {
     /// Reports `r` and every result after it that waited for it.
     private func report(_ r: CaseResult, number: Int) {
         finished[number] = r
-        while let r = finished.removeValue(forKey: nextToReport) {
-            begin(nil)
-            totals.add(r.verdict.kind)
-            reporter.finished(r, number: nextToReport)
+        while let next = finished.removeValue(forKey: nextToReport) {
+            deliver(next, number: nextToReport)
             nextToReport += 1
         }
+    }
+
+    // Not inlined into `report`: Swift 6.3's optimizer (CopyPropagation)
+    // aborts on the verdict switch inlined into that loop.
+    @inline(never)
+    private func deliver(_ r: CaseResult, number: Int) {
+        begin(nil)
+        totals.add(r.verdict.kind)
+        reporter.finished(r, number: number)
     }
 
     private func handle(_ m: WorkerMessage, from slot: Slot) {

@@ -70,8 +70,8 @@ struct Explain: ParsableCommand {
     @Argument(help: "A case id (see `cowpin list`).", completion: Completions.caseIDs)
     var caseID: String
 
-    @Option(help: ArgumentHelp("The expected-verdict file (upstream history; default: the checkout's data/expected-verdicts.json).", valueName: "path"))
-    var expected = ExpectedVerdicts.defaultPath()
+    @Option(help: ArgumentHelp("The expected-verdict file (upstream history; default: the data/expected-verdicts.json built into cowpin).", valueName: "path"))
+    var expected: String?
 
     @Option(help: ArgumentHelp("Say what history expects on this kernel release (default: the running kernel's).", valueName: "release"))
     var release: String?
@@ -91,7 +91,7 @@ struct Explain: ParsableCommand {
         print("  error = the harness failed, not a finding about the kernel.")
         if let k = c.scenario.knownIssue { print("  known unfixed upstream: \(k.reason) [\(k.reference)]") }
         let history: ExpectedVerdicts
-        do { history = try ExpectedVerdicts.load(expected) } catch {
+        do { history = try ExpectedVerdicts.load(path: expected) } catch {
             print("  upstream history: unavailable (\(error))")
             return
         }

@@ -1,5 +1,7 @@
 /// A way to pin pages the way a driver does, and to read what the pinned
-/// pages hold (the device's view).
+/// pages hold (the device's view). A pin method says what it covers
+/// (`coverage`): the long-term pin events build its cases from that alone,
+/// so a new pin needs no change anywhere else.
 public protocol PinMethod: Sendable {
     /// Stable id, the first part of a case id ("iouring-fixed").
     var id: String { get }
@@ -9,6 +11,9 @@ public protocol PinMethod: Sendable {
     /// What pinning needs of state all processes share (a device only one
     /// process may open, ...): `.none` unless said otherwise.
     var needs: SharedNeeds { get }
+    /// Which long-term pin events it runs, and on which backings: every
+    /// event that fits it on every anonymous shape unless said otherwise.
+    var coverage: PinCoverage { get }
     /// Why this pin cannot be used here, or nil.
     func unavailable(_ probe: Probe) -> String?
     /// Pins the whole region.
@@ -17,6 +22,35 @@ public protocol PinMethod: Sendable {
 
 extension PinMethod {
     public var needs: SharedNeeds { .none }
+    public var coverage: PinCoverage { .full }
+}
+
+/// What a pin method runs, as data: the events, the anonymous backings, the
+/// backings of the events kselftest mm/cow.c runs on every THP shape, and the
+/// file backings of `pagecache-write`.
+public struct PinCoverage: Sendable {
+    /// The events it runs (of those that fit it: R/O-only events need a R/O pin).
+    public var events: Set<LongTermEvent>
+    /// The anonymous backings of every event.
+    public var anon: [Backing]
+    /// The backings of the events mm/cow.c runs on every THP shape
+    /// (`LongTermEvent.onEveryShape`).
+    public var matrix: [Backing]
+    /// The backings of `pagecache-write`: file pages in a MAP_PRIVATE mapping.
+    public var pagecache: [Backing]
+
+    public init(events: Set<LongTermEvent> = Set(LongTermEvent.allCases), anon: [Backing] = Backing.withMTHP,
+                matrix: [Backing] = Backing.cowMatrix, pagecache: [Backing] = [Backing.memfdPrivate]) {
+        self.events = events
+        self.anon = anon
+        self.matrix = matrix
+        self.pagecache = pagecache
+    }
+
+    /// Every event that fits, on every mTHP size, swapped out and hugetlb,
+    /// and the mm/cow.c events on every THP shape and the KSM page; memfd for
+    /// `pagecache-write`.
+    public static let full = PinCoverage()
 }
 
 /// A live pin.

@@ -7,11 +7,50 @@ import Glibc
 public enum LongTermPinCases {
     static let staleMeaning = "the pinned page is no longer the page the process maps: a device reads stale data and its DMA writes are lost to the process"
 
-    /// Pins the region and notes the frames pinned (the pin keeps these).
-    static func pinned(_ pin: PinMethod, _ ctx: CaseContext) throws -> Pin {
-        let p = try pin.pin(ctx.region, in: ctx)
-        ctx.notePages("when pinned")
-        return p
+    /// What the device writes through a pin that writes (`PinCoverage.deviceWrites`).
+    static let deviceWrite = Content.written(0xD5, by: "the device")
+
+    /// The pins one case takes, and what follows its event: the device's
+    /// write the process must see, and the pin's library's claim.
+    final class Session {
+        let method: PinMethod
+        let ctx: CaseContext
+        var pins: [Pin] = []
+
+        init(_ method: PinMethod, _ ctx: CaseContext) {
+            self.method = method
+            self.ctx = ctx
+        }
+
+        /// Pins the region and notes the frames pinned (the pin keeps these).
+        func pin() throws -> Pin {
+            let p = try method.pin(ctx.region, in: ctx)
+            pins.append(p)
+            ctx.notePages("when pinned")
+            return p
+        }
+
+        /// After the event: a pin whose device writes does so, and the
+        /// process must see it; a claim of the pin's library about the event
+        /// is noted beside the verdict, and a claim that the case contradicts
+        /// is a line of its own.
+        func finish(_ event: LongTermEvent) throws {
+            if method.coverage.deviceWrites {
+                ctx.extraCandidates.append(LongTermPinCases.deviceWrite)
+                for p in pins {
+                    try p.deviceWrite(LongTermPinCases.deviceWrite)
+                    ctx.expect("parent mapping, after the device's write", holds: Layout(LongTermPinCases.deviceWrite),
+                               seen: UnsafeRawBufferPointer(rebasing: ctx.region.bytes[p.observed]), at: p.observed.lowerBound,
+                               meaning: "the device's write through the pin did not reach the process: the pinned page is no longer the page the process maps")
+                }
+            }
+            if let claim = method.claim(about: event, ctx.probe) {
+                ctx.note(claim.text)
+                if claim.promisesCoherence && !ctx.findings.isEmpty {
+                    ctx.note("FINDING: \(claim.source) says this needs no precaution on this kernel, and the case is decoherent")
+                }
+            }
+        }
     }
 
     public static func scenarios(for pin: PinMethod) -> [Scenario] {
@@ -21,19 +60,24 @@ public enum LongTermPinCases {
         /// Adds the event's scenario if the pin covers the event and the event fits the pin.
         func add(_ event: LongTermEvent, _ summary: String, _ steps: [String], tags: [String],
                  backings: [Backing]? = nil, needs: SharedNeeds = .none,
-                 _ body: @escaping @Sendable (CaseContext, Region) throws -> Void) {
+                 _ body: @escaping @Sendable (CaseContext, Region, Session) throws -> Void) {
             guard scope.events.contains(event), pin.readOnly || !event.needsReadOnlyPin else { return }
             list.append(Scenario(
-                id: "\(pin.id)/\(event.rawValue)", summary: "\(pin.summary): \(summary)", steps: steps,
+                id: "\(pin.id)/\(event.rawValue)", summary: "\(pin.summary): \(summary)",
+                steps: steps + (scope.deviceWrites ? ["the device writes 0xd5 through the pin: the parent's mapping must show it"] : []),
                 tags: [pin.id, "longterm-pin", pin.readOnly ? "ro-pin" : "rw-pin"] + tags,
                 backings: backings ?? (event.onEveryShape ? scope.matrix : anon),
                 needs: needs.merged(pin.needs), requires: { pin.unavailable($0) },
-                body: { ctx in try body(ctx, ctx.region) }))
+                body: { ctx in
+                    let session = Session(pin, ctx)
+                    try body(ctx, ctx.region, session)
+                    try session.finish(event)
+                }))
         }
         add(.exclusiveWrite, "pin an exclusive page, then write it",
             ["pin the region", "the parent writes 0xff over it", "read through the pin: must show the write"],
-            tags: []) { ctx, region in
-            let p = try pinned(pin, ctx)
+            tags: []) { ctx, region, session in
+            let p = try session.pin()
             ctx.parentWrites()
             ctx.notePages("after the write")
             try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
@@ -41,8 +85,8 @@ public enum LongTermPinCases {
         add(.forkParentWrites, "pin, fork() with the child alive, the parent writes",
             ["pin the region", "fork(); the child stays alive", "the parent writes 0xff",
              "read through the pin: must show the parent's write", "the child's view must still hold the original content"],
-            tags: ["fork"]) { ctx, region in
-            let p = try pinned(pin, ctx)
+            tags: ["fork"]) { ctx, region, session in
+            let p = try session.pin()
             let report = try ctx.childReport()
             let child = try ctx.fork { c in
                 c.checkpoint()
@@ -61,8 +105,8 @@ public enum LongTermPinCases {
         add(.forkChildWrites, "pin, fork(), the child writes",
             ["pin the region", "fork(); the child writes 0xcc over its view",
              "read through the pin: must still hold the original content", "the parent's mapping must too"],
-            tags: ["fork", "leak"]) { ctx, region in
-            let p = try pinned(pin, ctx)
+            tags: ["fork", "leak"]) { ctx, region, session in
+            let p = try session.pin()
             let child = try ctx.fork { c in
                 c.write(0xCC, to: region)
                 c.checkpoint()
@@ -79,7 +123,7 @@ public enum LongTermPinCases {
             ["fork(); the child stays alive", "pin the region in the parent while it is COW-shared",
              "the parent writes 0xff", "read through the pin: must show the write",
              "the child's view must hold the original content"],
-            tags: ["fork"]) { ctx, region in
+            tags: ["fork"]) { ctx, region, session in
             let report = try ctx.childReport()
             let child = try ctx.fork { c in
                 c.checkpoint()
@@ -87,7 +131,7 @@ public enum LongTermPinCases {
             }
             try child.awaitCheckpoint()
             ctx.notePages("shared, before pin")
-            let p = try pinned(pin, ctx)
+            let p = try session.pin()
             ctx.parentWrites()
             ctx.notePages("after the parent's write")
             try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
@@ -99,10 +143,10 @@ public enum LongTermPinCases {
         add(.pinPreviouslyShared, "fork() and let the child exit, then pin and write",
             ["fork(); the child exits at once", "pin the previously shared page",
              "the parent writes 0xff", "read through the pin: must show the write"],
-            tags: ["fork"]) { ctx, region in
+            tags: ["fork"]) { ctx, region, session in
             let child = try ctx.fork { _ in }
             try child.finish()
-            let p = try pinned(pin, ctx)
+            let p = try session.pin()
             ctx.parentWrites()
             ctx.notePages("after the write")
             try ctx.expect(p, holds: ctx.parentWrite, meaning: staleMeaning)
@@ -110,8 +154,8 @@ public enum LongTermPinCases {
         add(.mprotectCycleWrite, "pin, mprotect(PROT_READ) then PROT_READ|PROT_WRITE, write",
             ["pin the region", "mprotect(PROT_READ), then mprotect(PROT_READ|PROT_WRITE)",
              "the parent writes 0xff", "read through the pin: must show the write"],
-            tags: ["mprotect"]) { ctx, region in
-            let p = try pinned(pin, ctx)
+            tags: ["mprotect"]) { ctx, region, session in
+            let p = try session.pin()
             try region.mprotect(Int32(CP_PROT_READ))
             try region.mprotect(Int32(CP_PROT_READ_WRITE))
             ctx.parentWrites()
@@ -122,9 +166,9 @@ public enum LongTermPinCases {
         add(.pageoutWrite, "pin, MADV_PAGEOUT (reclaim), then write",
             ["pin the region", "madvise(MADV_PAGEOUT): reclaim must not take the pinned pages from the process",
              "the parent writes 0xff", "read through the pin: must show the write"],
-            tags: ["swap", "reclaim"], backings: unswapped.filter { !$0.tags.contains("hugetlb") }, needs: .swap) { ctx, region in
+            tags: ["swap", "reclaim"], backings: unswapped.filter { !$0.tags.contains("hugetlb") }, needs: .swap) { ctx, region, session in
             try SystemState.shared.ensureSwap()
-            let p = try pinned(pin, ctx)
+            let p = try session.pin()
             try region.madvise(Int32(CP_MADV_PAGEOUT), name: "MADV_PAGEOUT")
             ctx.notePages("after MADV_PAGEOUT")
             let swapped = PageInfo.entry(address: region.base)?.swapped == true
@@ -136,8 +180,8 @@ public enum LongTermPinCases {
         add(.mremapWrite, "pin, mremap() the range to a new address, write there",
             ["pin the region", "mremap(MREMAP_MAYMOVE|MREMAP_FIXED) it to a new, equally aligned address",
              "the parent writes 0xff at the new address", "read through the pin: must show the write"],
-            tags: ["mremap"], backings: unswapped) { ctx, region in
-            let p = try pinned(pin, ctx)
+            tags: ["mremap"], backings: unswapped) { ctx, region, session in
+            let p = try session.pin()
             do {
                 try region.move(alignment: region.size)
             } catch let e as SyscallError where e.errno == EINVAL && region.origin.hasPrefix("hugetlb") {
@@ -153,9 +197,9 @@ public enum LongTermPinCases {
              "wait (bounded) until ksmd merged the two copies, then for two more full scans",
              "the pinned pages must not have been merged (KSM skips pinned pages)", "stop ksmd",
              "the parent writes 0xff", "read through the pin: must show the write"],
-            tags: ["ksm"], backings: Backing.standard, needs: KSM.needs) { ctx, region in
+            tags: ["ksm"], backings: Backing.standard, needs: KSM.needs) { ctx, region, session in
             try KSM.start(ctx)
-            let p = try pinned(pin, ctx)
+            let p = try session.pin()
             let twins = try KSM.twins(of: region)
             try region.madvise(Int32(CP_MADV_MERGEABLE), name: "MADV_MERGEABLE")
             try KSM.awaitMerged(twins[0], what: "the unpinned copies")
@@ -178,9 +222,9 @@ public enum LongTermPinCases {
                 + (name == "wipeonfork" ? ["the child's view must be zeroes"] : []),
                 // WIPEONFORK is for private anonymous memory only: not hugetlb.
                 tags: ["fork", "control", name],
-                backings: name == "wipeonfork" ? anon.filter { !$0.tags.contains("hugetlb") } : anon) { ctx, region in
+                backings: name == "wipeonfork" ? anon.filter { !$0.tags.contains("hugetlb") } : anon) { ctx, region, session in
                 try check("madvise(\(madv))", cp_madvise(region.base, region.size, advice))
-                let p = try pinned(pin, ctx)
+                let p = try session.pin()
                 let report = try ctx.childReport()
                 let child = try ctx.fork { c in
                     c.checkpoint()
@@ -200,8 +244,8 @@ public enum LongTermPinCases {
         add(.unpopulatedWrite, "pin memory never written (unpopulated or the zeropage), then write",
             ["map memory and do not write it (never touched, or read: the zeropage is mapped)",
              "pin the region", "the parent writes 0xff", "read through the pin: must show the write"],
-            tags: ["zeropage"], backings: [.anonUnpopulated, .anonZeropage, .thpZeropage]) { ctx, region in
-            let p = try pinned(pin, ctx)
+            tags: ["zeropage"], backings: [.anonUnpopulated, .anonZeropage, .thpZeropage]) { ctx, region, session in
+            let p = try session.pin()
             ctx.parentWrites()
             ctx.notePages("after the write")
             try ctx.expect(p, holds: ctx.parentWrite, meaning: "the pin still holds the zeropage (or another page) the process no longer maps: a device reads zeroes, not the data")
@@ -210,8 +254,8 @@ public enum LongTermPinCases {
             ["map a file page (memfd, tmpfs, ext4, hugetlbfs) MAP_PRIVATE and read it (the pagecache page is mapped)",
              "pin the region", "the parent writes 0xff (COW: an anonymous copy)",
              "read through the pin: must show the write"],
-            tags: ["pagecache"], backings: scope.pagecache) { ctx, region in
-            let p = try pinned(pin, ctx)
+            tags: ["pagecache"], backings: scope.pagecache) { ctx, region, session in
+            let p = try session.pin()
             ctx.parentWrites()
             ctx.notePages("after the write")
             try ctx.expect(p, holds: ctx.parentWrite, meaning: "the pin still holds the pagecache page while the process writes its private copy: a device reads the file, not the data")
@@ -219,9 +263,9 @@ public enum LongTermPinCases {
         add(.pinROExclusive, "R/O pin of an exclusive page mapped R/O, then write",
             ["mprotect(PROT_READ)", "pin the region (R/O)", "mprotect(PROT_READ|PROT_WRITE)",
              "the parent writes 0xff", "read through the pin: must show the write"],
-            tags: ["mprotect"]) { ctx, region in
+            tags: ["mprotect"]) { ctx, region, session in
             try region.mprotect(Int32(CP_PROT_READ))
-            let p = try pinned(pin, ctx)
+            let p = try session.pin()
             try region.mprotect(Int32(CP_PROT_READ_WRITE))
             ctx.parentWrites()
             ctx.notePages("after the write")
@@ -254,6 +298,12 @@ public enum LongTermEvent: String, CaseIterable, Sendable {
     /// page: they run on the pin's `PinCoverage.matrix` backings.
     public var onEveryShape: Bool {
         [.forkParentWrites, .pinSharedParentWrites, .pinPreviouslyShared, .mprotectCycleWrite, .pinROExclusive].contains(self)
+    }
+
+    /// The event fork()s while the region is pinned (or was shared with a child).
+    public var forks: Bool {
+        [.forkParentWrites, .forkChildWrites, .pinSharedParentWrites, .pinPreviouslyShared,
+         .dontforkParentWrites, .wipeonforkParentWrites].contains(self)
     }
 
     /// Only a R/O pin can take this path (a R/W pin always unshares first).

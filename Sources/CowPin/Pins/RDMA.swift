@@ -25,9 +25,17 @@ public struct RDMAPin: PinMethod {
             : "RDMA memory region, ibv_reg_mr(REMOTE_READ) (ib_umem_get(): a long-term pin, FOLL_WRITE|FOLL_FORCE until 6.1, R/O since 6.2), read by a real RDMA driver (RDMA READ)"
     }
     public var readOnly: Bool { !writable }
-    /// An RDMA transfer per read (soft-RoCE copies in the kernel): every
-    /// event, on the standard backings; the R/W region's device writes too.
-    public var coverage: PinCoverage { PinCoverage(anon: Backing.standard, matrix: Backing.standard, deviceWrites: writable) }
+    /// Every event, on the standard backings, swapped out, on hugetlb, and
+    /// for the events mm/cow.c runs on every shape the KSM page too; the R/W
+    /// region's device writes too. An RDMA transfer reads (and writes) the
+    /// whole region, so the THP geometry (every mTHP size and shape) is left
+    /// to the pins that are cheaper to read (io_uring, O_DIRECT, gup_test).
+    public var coverage: PinCoverage {
+        PinCoverage(anon: Self.backings, matrix: Self.backings + [.ksmPage], deviceWrites: writable)
+    }
+
+    static let backings: [Backing] = Backing.standard + Backing.standard.map { $0.swappedOut() }
+        + [.hugetlb(2048), .hugetlb(1_048_576)]
 
     public var access: Int32 {
         writable ? Int32(CP_IBV_ACCESS_LOCAL_WRITE | CP_IBV_ACCESS_REMOTE_WRITE | CP_IBV_ACCESS_REMOTE_READ)
@@ -69,6 +77,13 @@ public struct RDMAPin: PinMethod {
         } catch {
             scratchMR?.release()
             scratch.release()
+            // A R/O region is pinned FOLL_WRITE|FOLL_FORCE until 6.1, and
+            // GUP refuses FOLL_FORCE|FOLL_WRITE on hugetlb (check_vma_flags()
+            // in 6.1's mm/gup.c): a read-only hugetlb mapping cannot be
+            // registered for remote reads there.
+            if !writable, let e = error as? SyscallError, e.errno == EFAULT, region.origin.hasPrefix("hugetlb") {
+                throw CaseSkip("this kernel refuses a REMOTE_READ-only memory region in a read-only hugetlb mapping (ibv_reg_mr: EFAULT): ib_umem_get() pinned R/O regions with FOLL_WRITE|FOLL_FORCE until 6.1, which GUP refuses on hugetlb; since 6.2 a R/O region is a R/O pin")
+            }
             throw error
         }
         let pin = RDMARegion(link: link, mr: mr, scratch: scratch, scratchMR: scratchMR!, region: region, ctx: ctx)

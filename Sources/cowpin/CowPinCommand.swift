@@ -302,8 +302,8 @@ struct Explain: ParsableCommand {
     @Argument(help: "A case id (see `cowpin list`).", completion: Completions.caseIDs)
     var caseID: String
 
-    @Option(help: ArgumentHelp("The expected-verdict file (upstream history; default: the checkout's data/expected-verdicts.json).", valueName: "path"))
-    var expected = ExpectedVerdicts.defaultPath()
+    @Option(help: ArgumentHelp("The expected-verdict file (upstream history; default: the data/expected-verdicts.json built into cowpin).", valueName: "path"))
+    var expected: String?
 
     @Option(help: ArgumentHelp("Say what history expects on this kernel release (default: the running kernel's).", valueName: "release"))
     var release: String?
@@ -323,7 +323,7 @@ struct Explain: ParsableCommand {
         print("  error = the harness failed, not a finding about the kernel.")
         if let k = c.scenario.knownIssue { print("  known unfixed upstream: \(k.reason) [\(k.reference)]") }
         let history: ExpectedVerdicts
-        do { history = try ExpectedVerdicts.load(expected) } catch {
+        do { history = try ExpectedVerdicts.load(path: expected) } catch {
             print("  upstream history: unavailable (\(error))")
             return
         }
@@ -377,8 +377,8 @@ struct MatrixCommand: ParsableCommand {
             --require-ran was not run, or (with --check-policy) when a policy differs; 2 for bad input.
             """)
 
-    @Option(help: ArgumentHelp("The expected-verdict file (default: the checkout's data/expected-verdicts.json).", valueName: "path"))
-    var expected = ExpectedVerdicts.defaultPath()
+    @Option(help: ArgumentHelp("The expected-verdict file (default: the data/expected-verdicts.json built into cowpin).", valueName: "path"))
+    var expected: String?
 
     @Option(help: ArgumentHelp("Judge every column against the run with this label (a base kernel), not against history.", valueName: "label"))
     var baseline: String?
@@ -436,7 +436,7 @@ struct MatrixCommand: ParsableCommand {
             m = Matrix(baseline: baseline, runs: runs)
         } else {
             let history: ExpectedVerdicts
-            do { history = try ExpectedVerdicts.load(expected) } catch { throw ValidationError("\(error)") }
+            do { history = try ExpectedVerdicts.load(path: expected) } catch { throw ValidationError("\(error)") }
             m = Matrix(expected: history, runs: runs)
         }
         if let markdown { try write(m.markdown + "\n", to: markdown) } else { print(m.markdown) }

@@ -248,6 +248,30 @@ int cp_vfio_unmap_dma(int container, uint64_t iova, uint64_t size);
 
 enum { CP_VFIO_BAR0 = 0, CP_VFIO_CONFIG = 7 };
 
+/* ---- RDMA verbs (libibverbs, loaded with dlopen() when first used) ----------- */
+
+/* Loads libibverbs.so.1: 0, or -errno with the reason in why. */
+int cp_rdma_load(char *why, size_t len);
+/* rdma-core's ibv_is_fork_initialized(): CP_IBV_FORK_*, or -errno. */
+int cp_rdma_fork_status(void);
+enum { CP_IBV_FORK_DISABLED = 0, CP_IBV_FORK_ENABLED = 1, CP_IBV_FORK_UNNEEDED = 2 };
+/* ibv_access_flags cowpin uses (the values of <infiniband/verbs.h>). */
+enum { CP_IBV_ACCESS_LOCAL_WRITE = 1, CP_IBV_ACCESS_REMOTE_WRITE = 2, CP_IBV_ACCESS_REMOTE_READ = 4 };
+struct cp_rdma;
+/* Opens `device`, a protection domain, a CQ and two RC QPs connected to
+ * each other through the GID at gid_index of `port`: 0 or -errno (why). */
+int cp_rdma_open(const char *device, uint8_t port, int gid_index, struct cp_rdma **out, char *why, size_t len);
+void cp_rdma_close(struct cp_rdma *r);
+/* ibv_reg_mr() with CP_IBV_ACCESS_* flags: the kernel pins the pages. */
+int cp_rdma_reg_mr(struct cp_rdma *r, void *addr, size_t length, int access, void **mr, uint32_t *lkey, uint32_t *rkey);
+int cp_rdma_dereg_mr(void *mr);
+/* One RDMA READ (write = 0: the responder reads `length` bytes of the
+ * region at remote/rkey into local/lkey) or RDMA WRITE (the responder writes
+ * local into the region), waited for (bounded): 0 with the bytes moved in
+ * *byte_len, or -errno (why). */
+int cp_rdma_transfer(struct cp_rdma *r, int write, void *local, uint32_t lkey, uint64_t remote, uint32_t rkey,
+                     uint32_t length, int timeout_ms, uint32_t *byte_len, char *why, size_t len);
+
 /* ---- swap ------------------------------------------------------------------ */
 
 /* Writes a version-1 swap header (what mkswap writes) for a device of `size` bytes. */

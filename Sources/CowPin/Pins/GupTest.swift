@@ -15,6 +15,13 @@ public struct GupTestPin: PinMethod {
         "gup_test PIN_LONGTERM_TEST, R/O long-term pin via \(fast ? "pin_user_pages_fast()" : "pin_user_pages()")"
     }
     public var readOnly: Bool { true }
+    /// What only gup_test adds: the long-term R/O pin, through
+    /// pin_user_pages() and pin_user_pages_fast(), on every page size. The
+    /// R/O unshare on every THP shape is odirect-write's, which needs no
+    /// CONFIG_GUP_TEST.
+    public var coverage: PinCoverage {
+        PinCoverage(events: LongTermEvent.roUnshare.union(LongTermEvent.roLongterm), anon: Backing.withMTHP, matrix: Backing.withMTHP)
+    }
 
     public func unavailable(_ probe: Probe) -> String? {
         probe.gupTest.available ? nil : probe.gupTest.detail

@@ -11,6 +11,8 @@ public struct IoUringFixedPin: PinMethod {
     public var id: String { "iouring-fixed" }
     public var summary: String { "io_uring fixed buffer (IORING_REGISTER_BUFFERS: FOLL_PIN|FOLL_LONGTERM|FOLL_WRITE)" }
     public var readOnly: Bool { false }
+    /// Every event on every shape, and `pagecache-write` on every file kind.
+    public var coverage: PinCoverage { PinCoverage(pagecache: Self.pagecacheBackings) }
 
     public func unavailable(_ probe: Probe) -> String? {
         probe.ioUring.usable ? nil : "io_uring unavailable: \(probe.ioUring.detail)"
@@ -28,9 +30,34 @@ public struct IoUringFixedPin: PinMethod {
         ctx.onCleanup { pin.release() }
         return pin
     }
+
+    /// The backings of `pagecache-write`: every file kind. io_uring refuses
+    /// buffers in some file mappings (a policy that changed in 5.14 and 6.5,
+    /// and that stable kernels change by backport): where this kernel
+    /// refuses the buffer, the case skips saying so, and
+    /// longterm-file/iouring-fixed-* records the refusal as a policy fact.
+    static let pagecacheBackings: [Backing] = Backing.privateFiles.map { b in
+        Backing(id: b.id, summary: b.summary, tags: b.tags, needs: b.needs) { ctx in
+            let r = try b.make(ctx)
+            let fs = try FileSystem.of(r.file!)
+            // io_uring has taken buffers in hugetlbfs mappings since it
+            // began (5.1); probing would need a second huge page.
+            if fs == FileSystem.hugetlbfs { return r }
+            // Asked of the kernel (not predicted from its version), on a
+            // second private mapping of the file: the case's own mapping
+            // keeps its pagecache page until the case pins it.
+            var err: Int32 = 0
+            guard let probe = cp_mmap_fd(r.size, Int32(CP_PROT_READ_WRITE), 0, r.file!, 0, &err) else {
+                throw SyscallError("mmap(MAP_PRIVATE) of the file", errno: err)
+            }
+            defer { munmap(probe, r.size) }
+            if let refused = try IoUring(entries: 4).tryRegister(base: probe, size: r.size) {
+                throw CaseSkip("this kernel's io_uring refuses a buffer in a MAP_PRIVATE \(FileSystem.name(fs)) mapping (\(Errno.name(refused))): a policy, recorded by longterm-file/iouring-fixed-private/*")
+            }
+            return r
+        }
+    }
 }
-
-
 
 /// An io_uring instance.
 public final class IoUring {

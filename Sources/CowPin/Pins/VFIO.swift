@@ -170,6 +170,8 @@ public struct VFIOPin: PinMethod {
     public var readOnly: Bool { !writable }
     /// One process at a time may open a VFIO group (EBUSY otherwise).
     public var needs: SharedNeeds { .alone }
+    /// A DMA round trip per read (about 100 ms): every event, on the standard backings.
+    public var coverage: PinCoverage { PinCoverage(anon: Backing.standard, matrix: Backing.standard) }
 
     public func unavailable(_ probe: Probe) -> String? {
         if !probe.vfio.container { return "no /dev/vfio/vfio (VFIO not enabled); \(DMADevices.missing)" }

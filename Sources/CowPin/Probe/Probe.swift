@@ -108,6 +108,8 @@ public struct Probe: Codable, Sendable, Equatable {
     public var gupTest: Feature
     public var ksm: Feature
     public var userfaultfd: Feature
+    /// RDMA devices and rdma-core's fork claim (nil in a probe from an older cowpin).
+    public var rdma: RDMAInfo?
 
     public static var isRoot: Bool { geteuid() == 0 }
 
@@ -142,7 +144,8 @@ public struct Probe: Codable, Sendable, Equatable {
             ksm: Feature(available: access("/sys/kernel/mm/ksm/run", F_OK) == 0,
                          detail: access("/sys/kernel/mm/ksm/run", F_OK) == 0 ? "run=\(trimmed("/sys/kernel/mm/ksm/run") ?? "?")" : "no /sys/kernel/mm/ksm (CONFIG_KSM not set)"),
             userfaultfd: Feature(available: access("/proc/sys/vm/unprivileged_userfaultfd", F_OK) == 0 || access("/dev/userfaultfd", F_OK) == 0,
-                                 detail: access("/dev/userfaultfd", F_OK) == 0 ? "/dev/userfaultfd present" : "syscall only")
+                                 detail: access("/dev/userfaultfd", F_OK) == 0 ? "/dev/userfaultfd present" : "syscall only"),
+            rdma: RDMA.probe()
         )
     }
 

@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// An RDMA memory region: ibv_reg_mr() through libibverbs, the kernel's
 /// ib_umem_get(), a FOLL_LONGTERM pin held for as long as the region is

@@ -13,7 +13,8 @@ struct CowPinCommand: ParsableCommand {
         commandName: "cowpin",
         abstract: "Reproduce COW / GUP-pin decoherence on the running Linux kernel.",
         discussion: """
-            Exit status of `run`: 0 no decoherence, 1 decoherence found, 2 usage or harness error, \
+            Exit status of `run`: 0 no decoherence, 1 decoherence found, 3 the kernel reported a WARN, BUG, \
+            oops, lockup, stall or hung task during a case (kernel-warning), 2 usage or harness error, \
             4 every selected case skipped.
             """,
         version: Catalog.version,
@@ -120,7 +121,7 @@ struct Run: ParsableCommand {
     @Flag(name: .customLong("dry-run"), help: "Check the arguments and the selection, print how many case runs it would make, run nothing (exit 0, or 2).")
     var dryRun = false
 
-    @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"),
+    @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent or the kernel warned during it, 125 not testable (skip, error).", valueName: "case"),
             completion: Completions.caseIDs)
     var bisect: String?
 
@@ -192,7 +193,8 @@ struct Run: ParsableCommand {
         // A SIGTERM that came after the last result still means 128+signal.
         Emergency.exitIfSignalled()
         if bisect != nil {
-            throw ExitCode(totals.decoherent > 0 || totals.xfail > 0 ? 1 : totals.coherent + totals.xpass > 0 ? 0 : 125)
+            // The kernel warning during the case is a kernel bug the case met: bad.
+            throw ExitCode(totals.decoherent > 0 || totals.xfail > 0 || totals.kernelWarning > 0 ? 1 : totals.coherent + totals.xpass > 0 ? 0 : 125)
         }
         throw ExitCode(totals.exitCode)
     }
@@ -370,10 +372,10 @@ struct MatrixCommand: ParsableCommand {
             Each RESULT is LABEL=FILE (or FILE, labelled by its kernel release). Against upstream history \
             (data/expected-verdicts.json) a cell is expected, a REGRESSION (decoherent where history says fixed), \
             newly fixed (coherent where history says broken), unknown (history cannot decide on that release), \
-            skip, error or missing. With --baseline LABEL every column is judged against that run instead, \
+            skip, error, missing or kernel-warning (never expected). With --baseline LABEL every column is judged against that run instead, \
             no history needed: unchanged, NEWLY DECOHERENT, newly coherent. A pin taken or refused (policy) is \
             compared apart and never counts as decoherent. Exit status: 0; 1 with --check when a cell is \
-            a regression, newly fixed, newly decoherent or coherent, unknown or an error, when a case matched by \
+            a regression, newly fixed, newly decoherent or coherent, unknown, an error or a kernel warning, when a case matched by \
             --require-ran was not run, or (with --check-policy) when a policy differs; 2 for bad input.
             """)
 

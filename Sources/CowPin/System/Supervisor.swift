@@ -119,8 +119,9 @@ public final class Supervisor {
         var pending: [UInt8] = []
         /// The case runs sent to it and not finished, in the order it runs them.
         var assigned: [Int] = []
-        /// The case run it said it started, and when.
-        var running: (number: Int, since: UInt64)?
+        /// The case run it said it started, when, and the sequence number of
+        /// the first kernel log record of the case (when the worker reads the log).
+        var running: (number: Int, since: UInt64, kernelSeq: UInt64?)?
         var startedAny = false
         /// Why it gave up, when it said so before exiting (it could not start).
         var fatal: String?
@@ -169,16 +170,40 @@ public final class Supervisor {
         /// The case runs of the phase not sent to a worker yet.
         var queue: ArraySlice<Int> = []
 
+        /// Case runs that ran at the same time as each case run (`--jobs` > 1).
+        var overlaps: [Int: Set<Int>] = [:]
+        func concurrent(_ log: CaseKernelLog?, number: Int) -> CaseKernelLog? {
+            let others = overlaps.removeValue(forKey: number) ?? []
+            guard var log, !others.isEmpty else { return log }
+            log.concurrent = others.sorted().map { n in
+                let (c, iteration) = caseRun(n)
+                return options.repeatCount > 1 ? "\(c.id) (run \(iteration))" : c.id
+            }
+            return log
+        }
+
         func handle(_ m: WorkerMessage, from slot: Slot) {
             if let p = m.probe { begin(p) }
             if let f = m.fatal { slot.fatal = f }
-            if let n = m.started { slot.running = (n, monotonicNs()) }
+            if let n = m.started {
+                slot.running = (n, monotonicNs(), m.kmsg)
+                // Kernel messages cannot say which of the cases running at the
+                // same time the kernel was in: each of them gets them, and
+                // names the others.
+                for other in slots where other !== slot {
+                    guard let o = other.running?.number else { continue }
+                    overlaps[n, default: []].insert(o)
+                    overlaps[o, default: []].insert(n)
+                }
+            }
             if let w = m.result {
                 slot.running = nil
                 slot.assigned.removeAll { $0 == w.number }
                 slot.startedAny = true
                 deathsInARow = 0
-                report(w.caseResult, number: w.number)
+                var r = w.caseResult
+                r.kernel = concurrent(r.kernel, number: w.number)
+                report(r, number: w.number)
             }
         }
 
@@ -200,8 +225,12 @@ public final class Supervisor {
             fputs(note + "\n", stderr)
             if let r = slot.running {
                 let (c, iteration) = caseRun(r.number)
-                report(CaseResult(id: c.id, iteration: iteration, verdict: .error("the cowpin worker \(death) during this case\(hint)"),
-                                  durationNs: monotonicNs() - r.since), number: r.number)
+                // What the kernel said since the case started (why it killed the
+                // worker, an oops in its system call): the worker cannot tell any more.
+                let log = r.kernelSeq.map { CaseKernelLog(KernelLogReader.records(from: $0)) }.flatMap { $0.isEmpty ? nil : $0 }
+                let verdict = Verdict.error("the cowpin worker \(death) during this case\(hint)").withKernelReports(log?.reports ?? [])
+                report(CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - r.since,
+                                  kernel: concurrent(log, number: r.number)), number: r.number)
                 slot.assigned.removeAll { $0 == r.number }
             }
             // What it was sent and had not started goes to the next worker.
@@ -578,6 +607,8 @@ public func signalDescription(_ sig: Int32) -> String {
 public struct WorkerMessage: Codable {
     public var probe: Probe?
     public var started: Int?
+    /// With `started`: the sequence number of the case's first kernel log record.
+    public var kmsg: UInt64?
     public var result: WorkerResult?
     /// The worker cannot go on (it could not start: EMFILE, EAGAIN...), and why.
     public var fatal: String?
@@ -591,12 +622,18 @@ public struct WorkerMessage: Codable {
 
     static let startedPrefix = Array("{\"started\":".utf8)
 
-    /// Decodes one line; `{"started":N}` (half the lines) and plain results
-    /// (most of the others) without JSONDecoder.
+    /// Decodes one line; `{"started":N}` or `{"started":N,"kmsg":S}` (half
+    /// the lines) and plain results (most of the others) without JSONDecoder.
     public static func decode(_ line: ArraySlice<UInt8>, _ decoder: JSONDecoder) -> WorkerMessage? {
-        if line.starts(with: startedPrefix), line.last == UInt8(ascii: "}"),
-           let n = Int(String(decoding: line.dropFirst(startedPrefix.count).dropLast(), as: UTF8.self)) {
-            return WorkerMessage(started: n)
+        if line.starts(with: startedPrefix), line.last == UInt8(ascii: "}") {
+            let body = String(decoding: line.dropFirst(startedPrefix.count).dropLast(), as: UTF8.self)
+            let parts = body.split(separator: ",")
+            if parts.count == 1, let n = Int(parts[0]) { return WorkerMessage(started: n) }
+            if parts.count == 2, let n = Int(parts[0]), parts[1].hasPrefix("\"kmsg\":"), let s = UInt64(parts[1].dropFirst(7)) {
+                var m = WorkerMessage(started: n)
+                m.kmsg = s
+                return m
+            }
         }
         if let r = WorkerChannel.plainResult(line) { return WorkerMessage(result: r) }
         return try? decoder.decode(WorkerMessage.self, from: Data(line))
@@ -616,6 +653,7 @@ public struct WorkerResult: Codable, Equatable {
     public var phases: Phases?
     public var notes: [String]?
     public var policy: PolicyObservation?
+    public var kernel: CaseKernelLog?
 
     init(number: Int, id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, reference: String?, evidence: Evidence?,
          durationNs: UInt64, phases: Phases?, notes: [String]?) {
@@ -635,6 +673,7 @@ public struct WorkerResult: Codable, Equatable {
         self.number = number
         notes = r.notes.isEmpty ? nil : r.notes
         policy = r.policy
+        kernel = r.kernel
         id = r.id
         iteration = r.iteration
         verdict = r.verdict.kind
@@ -642,7 +681,7 @@ public struct WorkerResult: Codable, Equatable {
         durationNs = r.durationNs
         phases = r.phases
         switch r.verdict {
-        case .skip(let m), .error(let m): reason = m
+        case .skip(let m), .error(let m), .kernelWarning(let m, _): reason = m
         case .xfail(let m, let ref, _), .xpass(let m, let ref):
             reason = m
             reference = ref
@@ -659,8 +698,10 @@ public struct WorkerResult: Codable, Equatable {
         case .xfail: v = .xfail(reason: reason ?? "", reference: reference ?? "", evidence: evidence ?? Evidence())
         case .xpass: v = .xpass(reason: reason ?? "", reference: reference ?? "")
         case .error: v = .error(reason ?? "")
+        case .kernelWarning: v = .kernelWarning(reason: reason ?? "", evidence: evidence)
         }
-        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases, notes: notes ?? [], policy: policy)
+        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases, notes: notes ?? [], policy: policy,
+                          kernel: kernel)
     }
 }
 
@@ -704,7 +745,13 @@ public final class WorkerChannel: Reporter {
     public func fatal(_ why: String) { send(WorkerMessage(fatal: why)) }
     // A case's start and a result without evidence (most of them) are
     // written by hand: JSONEncoder would cost the worker ~50 us a message.
-    public func started(_ c: Case, iteration: Int, number: Int) { send(Array("{\"started\":\(number)}".utf8)) }
+    public func started(_ c: Case, iteration: Int, number: Int) { started(number: number, kernelSeq: nil) }
+
+    /// A case run starts; its kernel log records start at `kernelSeq` (when
+    /// the worker reads the log): the supervisor reads them when the worker dies in it.
+    public func started(number: Int, kernelSeq: UInt64?) {
+        send(Array((kernelSeq.map { "{\"started\":\(number),\"kmsg\":\($0)}" } ?? "{\"started\":\(number)}").utf8))
+    }
 
     public func finished(_ r: CaseResult, number: Int) {
         send(Array(Self.resultLine(r, number: number, encoder: encoder).utf8))
@@ -713,7 +760,7 @@ public final class WorkerChannel: Reporter {
     /// The message line of a result.
     public static func resultLine(_ r: CaseResult, number: Int, encoder: JSONEncoder = JSONEncoder()) -> String {
         let w = WorkerResult(r, number: number)
-        guard w.evidence == nil && w.notes == nil && w.policy == nil else {
+        guard w.evidence == nil && w.notes == nil && w.policy == nil && w.kernel == nil else {
             return (try? encoder.encode(WorkerMessage(result: w))).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
         }
         let phases = w.phases.map { "\($0.memoryNs),\($0.scenarioNs),\($0.cleanupNs)" } ?? ""

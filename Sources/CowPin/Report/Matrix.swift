@@ -73,12 +73,39 @@ public struct Matrix: Codable, Sendable {
     public struct Column: Codable, Sendable {
         public var label: String
         public var release: String
+        /// False when the run stopped before its end: the column holds the cases that finished.
+        public var complete: Bool?
+        /// Why the kernel could not be tested (to the end), when it could not.
+        public var untested: String?
+    }
+
+    /// A kernel that could not be tested, and why (vm-run's last word: a
+    /// boot that failed, a crash, a lockup, a timeout).
+    public struct Untested: Codable, Sendable, Equatable {
+        public var label: String
+        public var reason: String
+        public init(label: String, reason: String) {
+            self.label = label
+            self.reason = reason
+        }
     }
 
     public var columns: [Column]
     public var rows: [Row]
     /// The label of the baseline column, in baseline mode.
     public var baseline: String?
+    /// Kernels that could not be tested, with or without a column of what finished.
+    public var untested: [Untested]?
+
+    /// Records the kernels that could not be tested: a column of the same
+    /// label says why it stops short.
+    public mutating func add(untested list: [Untested]) {
+        guard !list.isEmpty else { return }
+        untested = (untested ?? []) + list
+        for u in list {
+            for i in columns.indices where columns[i].label == u.label { columns[i].untested = u.reason }
+        }
+    }
 
     public typealias Run = (label: String, doc: JSONReporter.Document)
 
@@ -101,7 +128,7 @@ public struct Matrix: Codable, Sendable {
 
     /// Judged against upstream history.
     public init(expected history: ExpectedVerdicts, runs: [Run]) {
-        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release, complete: $0.doc.complete) }
         let results = Self.byID(runs)
         rows = Self.ids(runs).map { id in
             let cells = runs.indices.map { i -> Cell in
@@ -130,7 +157,7 @@ public struct Matrix: Codable, Sendable {
 
     /// Judged against the column labelled `baseline` (which must be one of the runs).
     public init(baseline: String, runs: [Run]) {
-        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release, complete: $0.doc.complete) }
         self.baseline = baseline
         let results = Self.byID(runs)
         let base = runs.firstIndex { $0.label == baseline }.map { results[$0] } ?? [:]
@@ -212,6 +239,16 @@ public struct Matrix: Codable, Sendable {
         for (i, c) in columns.enumerated() {
             let counts = marks.map { "\($0.rawValue) \(count($0, column: i))" } + ["policy differs \(policyDifferences(column: i))"]
             l.append("- \(c.label) (\(c.release)): \(counts.joined(separator: ", "))")
+            if c.complete == false || c.untested != nil {
+                let held = rows.filter { $0.cells[i].mark != .missing }.count
+                l.append("  - **not tested to the end**: \(c.untested ?? "the run stopped before its end") (the column holds the \(held) case(s) that finished)")
+            }
+        }
+        let columnless = (untested ?? []).filter { u in !columns.contains { $0.label == u.label } }
+        if !columnless.isEmpty {
+            l.append("")
+            l.append("Kernels that could not be tested (no column):")
+            for u in columnless { l.append("- **\(u.label)**: \(u.reason)") }
         }
         return l.joined(separator: "\n")
     }

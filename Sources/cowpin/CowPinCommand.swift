@@ -235,7 +235,8 @@ struct Worker: ParsableCommand {
         let fault: FaultInjection?
         do { fault = try FaultInjection.fromEnvironment() } catch { throw ValidationError("\(error)") }
         if let fault {
-            options.beforeScenario = { c in if c.id == fault.caseID { fault.trigger() } }
+            let timeoutMs = options.timeoutMs
+            options.beforeScenario = { c in if c.id == fault.caseID { fault.inject(timeoutMs: timeoutMs) } }
         }
         try Runner(options: options).serve(selected, reporter: channel, commands: 0)
     }

@@ -149,7 +149,9 @@ public final class Supervisor {
         }
         var finished: [Int: CaseResult] = [:]
         var nextToReport = 1
+        let progress = Progress.fromEnvironment()
         func report(_ r: CaseResult, number: Int) {
+            progress?.note("end \(number) \(r.id) \(r.verdict.kind.rawValue)")
             finished[number] = r
             while let r = finished.removeValue(forKey: nextToReport) {
                 begin(nil)
@@ -187,6 +189,7 @@ public final class Supervisor {
             if let f = m.fatal { slot.fatal = f }
             if let n = m.started {
                 slot.running = (n, monotonicNs(), m.kmsg)
+                progress?.note("start \(n) \(caseRun(n).c.id)")
                 // Kernel messages cannot say which of the cases running at the
                 // same time the kernel was in: each of them gets them, and
                 // names the others.
@@ -819,10 +822,11 @@ public final class WorkerChannel: Reporter {
     public func end(_ totals: Totals) {}
 }
 
-/// A harness self-test knob: `COWPIN_INJECT_FAULT=<case-id>:<sigbus|sigsegv|sigkill>`
+/// A harness self-test knob: `COWPIN_INJECT_FAULT=<case-id>:<sigbus|sigsegv|sigkill|hang>`
 /// makes the worker crash for real in that case, once its memory is ready.
 public struct FaultInjection: Sendable {
-    public enum Kind: String, Sendable, CaseIterable { case sigbus, sigsegv, sigkill }
+    /// `hang` makes a real hung task (see `HungTask`) and goes on with the case.
+    public enum Kind: String, Sendable, CaseIterable { case sigbus, sigsegv, sigkill, hang }
     public static let variable = "COWPIN_INJECT_FAULT"
     public let caseID: String
     public let kind: Kind
@@ -834,6 +838,19 @@ public struct FaultInjection: Sendable {
             throw HarnessError("\(variable) must be <case-id>:<\(Kind.allCases.map(\.rawValue).joined(separator: "|"))>, got '\(raw)'")
         }
         return FaultInjection(caseID: String(raw[..<colon]), kind: kind)
+    }
+
+    /// Injects the fault: crashes the process, or makes a hung task and
+    /// returns once the kernel reported it (or, where its timeout is long, at once).
+    public func inject(timeoutMs: Int32) {
+        guard kind == .hang else { trigger() }
+        do {
+            let o = try HungTask.make(timeoutMs: timeoutMs)
+            fputs("cowpin: \(Self.variable): the hung task (pid \(o.pid), state \(o.state)) was \(o.reported ? "reported by the kernel after \(o.waitedMs) ms" : "not waited for (kernel.hung_task_timeout_secs \(HungTask.timeoutSecs.map(String.init) ?? "?") is too long to wait)")\n", stderr)
+        } catch {
+            fputs("cowpin: \(Self.variable): the hang did not happen: \(error)\n", stderr)
+            _exit(3)
+        }
     }
 
     /// Crashes the process the way the kernel would.
@@ -855,8 +872,33 @@ public struct FaultInjection: Sendable {
             }
         case .sigkill:
             kill(getpid(), SIGKILL)
+        case .hang:
+            break
         }
         fputs("cowpin: \(Self.variable): the \(kind.rawValue) fault did not happen (\(Errno.name(errno)))\n", stderr)
         _exit(3)
+    }
+}
+
+/// `COWPIN_PROGRESS=FILE`: a line appended to FILE as each case run starts
+/// (`start N ID`) and ends (`end N ID VERDICT`), written at once. When the
+/// kernel dies in the middle of a run (a lockup or hung task that panics a
+/// VM), the file says which cases were running: scripts/vm-run reads it.
+final class Progress {
+    let fd: Int32
+
+    init?(path: String) {
+        fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return nil }
+    }
+
+    static func fromEnvironment() -> Progress? {
+        guard let p = getenv("COWPIN_PROGRESS").map({ String(cString: $0) }), !p.isEmpty else { return nil }
+        return Progress(path: p)
+    }
+
+    func note(_ line: String) {
+        let bytes = Array((line + "\n").utf8)
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
     }
 }

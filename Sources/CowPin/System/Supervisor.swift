@@ -822,27 +822,58 @@ public final class WorkerChannel: Reporter {
     public func end(_ totals: Totals) {}
 }
 
-/// A harness self-test knob: `COWPIN_INJECT_FAULT=<case-id>:<sigbus|sigsegv|sigkill|hang>`
+/// A harness self-test knob: `COWPIN_INJECT_FAULT=<case-id>:<sigbus|sigsegv|sigkill|hang|lkdtm=TYPE>`
 /// makes the worker crash for real in that case, once its memory is ready.
 public struct FaultInjection: Sendable {
-    /// `hang` makes a real hung task (see `HungTask`) and goes on with the case.
-    public enum Kind: String, Sendable, CaseIterable { case sigbus, sigsegv, sigkill, hang }
+    /// `hang` makes a real hung task (see `HungTask`) and goes on with the
+    /// case; `lkdtm=TYPE` asks the kernel's crash test module (CONFIG_LKDTM)
+    /// for TYPE (WARNING, SOFTLOCKUP, HUNG_TASK, EXCEPTION...) from the case.
+    public enum Kind: String, Sendable, CaseIterable { case sigbus, sigsegv, sigkill, hang, lkdtm }
     public static let variable = "COWPIN_INJECT_FAULT"
     public let caseID: String
     public let kind: Kind
+    /// The LKDTM crash type, for `lkdtm`.
+    public var lkdtmType: String?
+    public static let lkdtmPath = "/sys/kernel/debug/provoke-crash/DIRECT"
 
     /// The injection the environment asks for; throws on a malformed value.
     public static func fromEnvironment() throws -> FaultInjection? {
         guard let raw = getenv(variable).map({ String(cString: $0) }), !raw.isEmpty else { return nil }
-        guard let colon = raw.lastIndex(of: ":"), let kind = Kind(rawValue: String(raw[raw.index(after: colon)...])) else {
-            throw HarnessError("\(variable) must be <case-id>:<\(Kind.allCases.map(\.rawValue).joined(separator: "|"))>, got '\(raw)'")
+        let kinds = Kind.allCases.map { $0 == .lkdtm ? "lkdtm=TYPE" : $0.rawValue }.joined(separator: "|")
+        guard let colon = raw.lastIndex(of: ":") else { throw HarnessError("\(variable) must be <case-id>:<\(kinds)>, got '\(raw)'") }
+        let value = raw[raw.index(after: colon)...]
+        if value.hasPrefix("lkdtm="), value.count > 6, value.dropFirst(6).allSatisfy({ $0.isUppercase || $0.isNumber || $0 == "_" }) {
+            var f = FaultInjection(caseID: String(raw[..<colon]), kind: .lkdtm)
+            f.lkdtmType = String(value.dropFirst(6))
+            return f
+        }
+        guard let kind = Kind(rawValue: String(value)), kind != .lkdtm else {
+            throw HarnessError("\(variable) must be <case-id>:<\(kinds)>, got '\(raw)'")
         }
         return FaultInjection(caseID: String(raw[..<colon]), kind: kind)
     }
 
-    /// Injects the fault: crashes the process, or makes a hung task and
-    /// returns once the kernel reported it (or, where its timeout is long, at once).
+    init(caseID: String, kind: Kind) {
+        self.caseID = caseID
+        self.kind = kind
+    }
+
+    /// Injects the fault: crashes the process, makes a hung task and returns
+    /// once the kernel reported it (or, where its timeout is long, at once),
+    /// or asks LKDTM for a crash (it returns when the kernel does).
     public func inject(timeoutMs: Int32) {
+        if kind == .lkdtm, let type = lkdtmType {
+            let fd = open(Self.lkdtmPath, O_WRONLY | O_CLOEXEC)
+            guard fd >= 0 else {
+                fputs("cowpin: \(Self.variable): cannot open \(Self.lkdtmPath) (\(Errno.name(errno))): no LKDTM here (CONFIG_LKDTM, debugfs)\n", stderr)
+                _exit(3)
+            }
+            let n = write(fd, type, type.utf8.count)
+            let err = errno
+            close(fd)
+            fputs("cowpin: \(Self.variable): LKDTM \(type): write \(n < 0 ? "failed (\(Errno.name(err)))" : "returned")\n", stderr)
+            return
+        }
         guard kind == .hang else { trigger() }
         do {
             let o = try HungTask.make(timeoutMs: timeoutMs)
@@ -872,7 +903,7 @@ public struct FaultInjection: Sendable {
             }
         case .sigkill:
             kill(getpid(), SIGKILL)
-        case .hang:
+        case .hang, .lkdtm:
             break
         }
         fputs("cowpin: \(Self.variable): the \(kind.rawValue) fault did not happen (\(Errno.name(errno)))\n", stderr)

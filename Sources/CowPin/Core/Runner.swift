@@ -227,7 +227,9 @@ public final class Runner {
         for iteration in 1...max(1, options.repeatCount) {
             for c in cases {
                 number += 1
+                Progress.shared?.note("start \(number) \(c.id)")
                 let r = run(c, iteration: iteration)
+                Progress.shared?.note("end \(number) \(c.id) \(r.verdict.kind.rawValue)")
                 totals.add(r.verdict.kind)
                 reporter.finished(r, number: number)
             }
@@ -268,7 +270,10 @@ public final class Runner {
             } else {
                 reporter.started(c, iteration: iteration, number: number)
             }
-            reporter.finished(run(c, iteration: iteration, windowOpen: true), number: number)
+            Progress.shared?.note("start \(number) \(c.id)")
+            let r = run(c, iteration: iteration, windowOpen: true)
+            Progress.shared?.note("end \(number) \(c.id) \(r.verdict.kind.rawValue)")
+            reporter.finished(r, number: number)
         }
         end()
     }

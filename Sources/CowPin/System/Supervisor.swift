@@ -149,9 +149,7 @@ public final class Supervisor {
         }
         var finished: [Int: CaseResult] = [:]
         var nextToReport = 1
-        let progress = Progress.fromEnvironment()
         func report(_ r: CaseResult, number: Int) {
-            progress?.note("end \(number) \(r.id) \(r.verdict.kind.rawValue)")
             finished[number] = r
             while let r = finished.removeValue(forKey: nextToReport) {
                 begin(nil)
@@ -189,7 +187,6 @@ public final class Supervisor {
             if let f = m.fatal { slot.fatal = f }
             if let n = m.started {
                 slot.running = (n, monotonicNs(), m.kmsg)
-                progress?.note("start \(n) \(caseRun(n).c.id)")
                 // Kernel messages cannot say which of the cases running at the
                 // same time the kernel was in: each of them gets them, and
                 // names the others.
@@ -912,10 +909,13 @@ public struct FaultInjection: Sendable {
 }
 
 /// `COWPIN_PROGRESS=FILE`: a line appended to FILE as each case run starts
-/// (`start N ID`) and ends (`end N ID VERDICT`), written at once. When the
-/// kernel dies in the middle of a run (a lockup or hung task that panics a
-/// VM), the file says which cases were running: scripts/vm-run reads it.
-final class Progress {
+/// (`start N ID`) and ends (`end N ID VERDICT`), written by the process that
+/// runs it (the worker) right before and after, so that it never lags behind.
+/// When the kernel dies in the middle of a run (a lockup or hung task that
+/// panics a VM), the file says which cases were running: scripts/vm-run reads it.
+final class Progress: @unchecked Sendable {
+    static let shared = Progress.fromEnvironment()
+
     let fd: Int32
 
     init?(path: String) {

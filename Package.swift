@@ -3,13 +3,14 @@ import PackageDescription
 
 let package = Package(
     name: "cowpin",
-    platforms: [.macOS(.v13)],
     products: [
         .executable(name: "cowpin", targets: ["cowpin"]),
         .library(name: "CowPin", targets: ["CowPin"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // FileDescriptor, Errno and FilePath: descriptors the Swift side owns.
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         // liburing, found through pkg-config (Debian/Ubuntu: liburing-dev).
@@ -19,17 +20,23 @@ let package = Package(
             pkgConfig: "liburing",
             providers: [.apt(["liburing-dev"])]
         ),
+        // zlib, for /proc/config.gz (Debian/Ubuntu: zlib1g-dev).
+        .systemLibrary(
+            name: "CZlib",
+            path: "CShims/CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
         // Thin, typed C over the syscalls, and every line that runs in a child after fork().
         .target(
             name: "CCowPin",
             dependencies: ["CLiburing"],
             path: "CShims/CCowPin",
-            cSettings: [.define("_GNU_SOURCE")],
-            linkerSettings: [.linkedLibrary("z")]
+            cSettings: [.define("_GNU_SOURCE")]
         ),
         .target(
             name: "CowPin",
-            dependencies: ["CCowPin"],
+            dependencies: ["CCowPin", "CZlib", .product(name: "SystemPackage", package: "swift-system")],
             path: "Sources/CowPin"
         ),
         .executableTarget(

@@ -41,15 +41,6 @@ int cp_open_tmpfile(const char *dir, int *unlinked)
     return fd;
 }
 
-int cp_statfs_type(const char *path, uint64_t *type)
-{
-    struct statfs s;
-    if (statfs(path, &s))
-        return -errno;
-    *type = (uint64_t)(unsigned long)s.f_type & 0xffffffffu;
-    return 0;
-}
-
 int cp_fstatfs_type(int fd, uint64_t *type)
 {
     struct statfs s;

@@ -99,7 +99,7 @@ struct DetectionTests {
     /// hold keeps the pages pinned across whatever the case does meanwhile.
     static let droppedRead = Scenario(
         id: "selftest/odirect-read-dontneed", summary: "held read, MADV_DONTNEED", steps: [], tags: ["selftest"],
-        requires: ODirectCases.requirement
+        requires: { ODirectCases.requirement($0) }
     ) { ctx in
         let server = try ctx.fuseServer()
         let fd = try ctx.open(server)
@@ -150,6 +150,83 @@ struct DetectionTests {
             // The pattern may hold the expected byte by chance at a few offsets.
             #expect(f.differingBytes > length * 9 / 10 && f.differingBytes <= length, "\(s.id) on \(backingID): \(f.differingBytes)")
         }
+    }
+
+    /// An RDMA memory region whose page the process dropped (MADV_DONTNEED):
+    /// the responder's RDMA READ still finds the old page, and an RDMA WRITE
+    /// lands there, not in the page the process maps now.
+    static func droppedRegion(writable: Bool) -> Scenario {
+        let pin = RDMAPin(writable: writable)
+        return Scenario(
+            id: "selftest/\(pin.id)-dontneed", summary: "register, MADV_DONTNEED, write", steps: [], tags: ["selftest"],
+            requires: { pin.unavailable($0) }
+        ) { ctx in
+            let p = try pin.pin(ctx.region, in: ctx)
+            try ctx.region.madvise(Int32(CP_MADV_DONTNEED), name: "MADV_DONTNEED")
+            ctx.parentWrites()
+            try ctx.expect(p, holds: ctx.parentWrite, meaning: "the memory region kept the dropped page")
+            if writable {
+                let device = Content.written(0xD5, by: "the device")
+                try p.deviceWrite(device)
+                ctx.expect("parent mapping, after the device's write", holds: device, seen: ctx.region.bytes,
+                           meaning: "the device wrote the dropped page")
+            }
+        }
+    }
+
+    @Test("an RDMA memory region that lost its page is decoherent, read and written", arguments: [false, true])
+    func droppedRegionIsDecoherent(_ writable: Bool) throws {
+        let verdict = runner.run(Case(scenario: Self.droppedRegion(writable: writable), backing: .anonPage)).verdict
+        if case .skip(let reason) = verdict {
+            recordSkip("\(reason)")
+            return
+        }
+        guard case .decoherent(let e) = verdict else {
+            Issue.record("expected decoherent, got \(verdict)")
+            return
+        }
+        #expect(e.findings.map(\.view) == ["device (RDMA READ of the memory region by the responder, into a separate scratch region)"]
+            + (writable ? ["parent mapping, after the device's write"] : []))
+        #expect(e.findings.first?.ranges.first?.seenIs == "the original content")
+        #expect(e.notes.contains { $0.hasPrefix("RDMA READ: the responder read \(cp_page_size()) bytes") })
+    }
+
+    /// An io_uring pin whose page the process then drops (MADV_DONTNEED, the
+    /// content written again), offered by a library that claims fork() needs
+    /// no precaution: its fork case is decoherent, and the report says the
+    /// claim and that the case contradicts it.
+    struct DroppingPin: PinMethod {
+        var id: String { "selftest-dropping" }
+        var summary: String { "io_uring fixed buffer, then MADV_DONTNEED" }
+        var readOnly: Bool { false }
+        var coverage: PinCoverage { PinCoverage(events: [.forkParentWrites], anon: [.anonPage], matrix: [.anonPage]) }
+        func unavailable(_ probe: Probe) -> String? { IoUringFixedPin().unavailable(probe) }
+        func pin(_ region: Region, in ctx: CaseContext) throws -> Pin {
+            let p = try IoUringFixedPin().pin(region, in: ctx)
+            try region.madvise(Int32(CP_MADV_DONTNEED), name: "MADV_DONTNEED")
+            region.fill(ctx.original)
+            return p
+        }
+        func claim(about event: LongTermEvent, _ probe: Probe) -> PinClaim? {
+            PinClaim(source: "the test library", text: "the test library: fork() is safe here", promisesCoherence: true)
+        }
+    }
+
+    @Test("a library's claim is noted beside a fork case, and a decoherent case that contradicts it says so")
+    func contradictedClaim() throws {
+        let scenarios = LongTermPinCases.scenarios(for: DroppingPin())
+        #expect(scenarios.map(\.id) == ["selftest-dropping/fork-parent-writes"])
+        let verdict = runner.run(Case(scenario: try #require(scenarios.first), backing: .anonPage)).verdict
+        if case .skip(let reason) = verdict {
+            recordSkip("\(reason)")
+            return
+        }
+        guard case .decoherent(let e) = verdict else {
+            Issue.record("expected decoherent, got \(verdict)")
+            return
+        }
+        #expect(e.notes.contains("the test library: fork() is safe here"))
+        #expect(e.notes.contains { $0.hasPrefix("FINDING: the test library says") })
     }
 
     static func scenario(_ id: String, _ body: @escaping @Sendable (CaseContext) throws -> Void) -> Scenario {

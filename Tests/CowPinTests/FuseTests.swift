@@ -309,7 +309,7 @@ struct FuseTests {
             return
         }
         // A pid that is certainly dead: a child we reaped.
-        let dead = try Runner.exclusively { () -> Int32 in
+        let dead = Runner.exclusively { () -> Int32 in
             let pid = fork()
             if pid == 0 { _exit(0) }
             var st: Int32 = 0

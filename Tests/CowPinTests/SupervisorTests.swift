@@ -301,9 +301,10 @@ struct WorkerMessageTests {
     func roundTrip(_ v: Verdict) throws {
         let r = CaseResult(id: "cow/fork-parent-writes/anon-page", iteration: 2, verdict: v, durationNs: 1234,
                            phases: Phases(memoryNs: 1, scenarioNs: 2, cleanupNs: 3))
-        let line = WorkerChannel.resultLine(r, number: 7)
+        let codec = WireCodec()
+        let line = String(decoding: codec.encode(WorkerMessage(result: WorkerResult(r, number: 7))), as: UTF8.self)
         #expect(!line.contains("\n"))
-        let m = try #require(WorkerMessage.decode(Array(line.utf8)[...], JSONDecoder()))
+        let m = try #require(codec.decode(Array(line.utf8)[...]))
         #expect(m.result?.number == 7)
         #expect(m.result?.caseResult == r)
     }

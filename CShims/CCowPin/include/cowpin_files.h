@@ -28,8 +28,7 @@ int cp_memfd_create(const char *name, unsigned int flags);
  * *unlinked is set to 1 in the second case. fd or -errno. */
 int cp_open_tmpfile(const char *dir, int *unlinked);
 
-/* f_type of statfs(path) / fstatfs(fd) into *type: 0 or -errno. */
-int cp_statfs_type(const char *path, uint64_t *type);
+/* f_type of fstatfs(fd) into *type: 0 or -errno. */
 int cp_fstatfs_type(int fd, uint64_t *type);
 
 #ifdef __cplusplus

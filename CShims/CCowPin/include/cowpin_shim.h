@@ -39,7 +39,6 @@ int cp_pmd_mapped(void *addr, size_t len);
 int cp_mremap_fixed(void *old_addr, size_t len, void *new_addr);
 
 enum {
-    CP_PROT_NONE = 0,
     CP_PROT_READ = 1,
     CP_PROT_READ_WRITE = 3,
 };
@@ -64,6 +63,8 @@ enum {
     CP_MADV_COLLAPSE = 25,
 };
 
+long cp_page_size(void);
+
 /* Read one byte of every page (a read fault: maps the zeropage or pagecache). */
 void cp_touch_read(const void *addr, size_t len, size_t page_size);
 /* Fill [addr, addr+len) with cowpin's position-dependent pattern for seed. */
@@ -71,26 +72,10 @@ void cp_fill_pattern(void *addr, size_t len, uint32_t seed, size_t base_offset);
 /* Byte `offset` of the pattern for seed (what cp_fill_pattern writes there). */
 uint8_t cp_pattern_byte(uint32_t seed, size_t offset);
 
-/* A byte range where two buffers differ. */
-struct cp_range {
-    uint64_t offset;
-    uint64_t length;
-};
-/* Ranges where a and b differ; differing runs closer than `gap` bytes are
- * merged. Writes at most max ranges, returns the total number found. */
-size_t cp_diff_ranges(const void *a, const void *b, size_t len, size_t gap,
-                      struct cp_range *out, size_t max);
-/* Number of differing bytes, and of pages (page_size) holding at least one. */
-void cp_diff_count(const void *a, const void *b, size_t len, size_t page_size,
-                   uint64_t *bytes, uint64_t *pages);
 /* 1 when every byte of buf equals byte. */
 int cp_all_equal(const void *buf, size_t len, uint8_t byte);
 /* 1 when buf matches cowpin's pattern for seed at base_offset. */
 int cp_matches_pattern(const void *buf, size_t len, uint32_t seed, size_t base_offset);
-
-/* The value (kB) of field `key` ("AnonHugePages") of the VMA holding addr in
- * smaps text, or -1. */
-long cp_smaps_value(const char *text, size_t len, uint64_t addr, const char *key);
 
 /* ---- file descriptors -------------------------------------------------- */
 
@@ -192,7 +177,7 @@ int cp_report_matches(const struct cp_report *r, const void *view);
 /* r->status, read after the child wrote it (enum cp_report_status). */
 uint32_t cp_report_status(const struct cp_report *r);
 
-/* Child exit codes (other than an explicit CP_OP_EXIT). */
+/* Child exit codes. */
 enum {
     CP_CHILD_OK = 0,
     CP_CHILD_OP_FAILED = 101,
@@ -263,21 +248,36 @@ int cp_vfio_unmap_dma(int container, uint64_t iova, uint64_t size);
 
 enum { CP_VFIO_BAR0 = 0, CP_VFIO_CONFIG = 7 };
 
+/* ---- RDMA verbs (libibverbs, loaded with dlopen() when first used) ----------- */
+
+/* Loads libibverbs.so.1: 0, or -errno with the reason in why. */
+int cp_rdma_load(char *why, size_t len);
+/* rdma-core's ibv_is_fork_initialized(): CP_IBV_FORK_*, or -errno. */
+int cp_rdma_fork_status(void);
+enum { CP_IBV_FORK_DISABLED = 0, CP_IBV_FORK_ENABLED = 1, CP_IBV_FORK_UNNEEDED = 2 };
+/* ibv_access_flags cowpin uses (the values of <infiniband/verbs.h>). */
+enum { CP_IBV_ACCESS_LOCAL_WRITE = 1, CP_IBV_ACCESS_REMOTE_WRITE = 2, CP_IBV_ACCESS_REMOTE_READ = 4 };
+struct cp_rdma;
+/* Opens `device`, a protection domain, a CQ and two RC QPs connected to
+ * each other through the GID at gid_index of `port`: 0 or -errno (why). */
+int cp_rdma_open(const char *device, uint8_t port, int gid_index, struct cp_rdma **out, char *why, size_t len);
+void cp_rdma_close(struct cp_rdma *r);
+/* ibv_reg_mr() with CP_IBV_ACCESS_* flags: the kernel pins the pages. */
+int cp_rdma_reg_mr(struct cp_rdma *r, void *addr, size_t length, int access, void **mr, uint32_t *lkey, uint32_t *rkey);
+int cp_rdma_dereg_mr(void *mr);
+/* One RDMA READ (write = 0: the responder reads `length` bytes of the
+ * region at remote/rkey into local/lkey) or RDMA WRITE (the responder writes
+ * local into the region), waited for (bounded): 0 with the bytes moved in
+ * *byte_len, or -errno (why). */
+int cp_rdma_transfer(struct cp_rdma *r, int write, void *local, uint32_t lkey, uint64_t remote, uint32_t rkey,
+                     uint32_t length, int timeout_ms, uint32_t *byte_len, char *why, size_t len);
+
 /* ---- swap ------------------------------------------------------------------ */
 
 /* Writes a version-1 swap header (what mkswap writes) for a device of `size` bytes. */
 int cp_write_swap_header(const char *device, uint64_t size, size_t page_size);
 int cp_swapon(const char *device);
 int cp_swapoff(const char *device);
-
-/* ---- misc ---------------------------------------------------------------- */
-
-long cp_page_size(void);
-/* Human readable errno text into buf (strerror_r). */
-const char *cp_strerror(int err, char *buf, size_t len);
-int cp_getrlimit_memlock(uint64_t *soft, uint64_t *hard);
-/* Read a gzip file (e.g. /proc/config.gz) into buf: bytes read or -errno. */
-ssize_t cp_read_gzip(const char *path, void *buf, size_t len);
 
 #ifdef __cplusplus
 }

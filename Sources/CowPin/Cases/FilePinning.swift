@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// Long-term R/W pins of file mappings, as kselftest mm/gup_longterm.c checks
 /// them, with io_uring fixed buffers (IORING_REGISTER_BUFFERS is always

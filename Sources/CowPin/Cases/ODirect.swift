@@ -6,11 +6,8 @@ import CCowPin
 /// no racing a disk. (open(2) NOTES: O_DIRECT vs fork(); FUSE direct I/O
 /// took FOLL_GET references until 6.9, FOLL_PIN since.)
 public enum ODirectCases {
-    public static func requirement(_ p: Probe) -> String? {
-        if !p.fuse.available { return "FUSE unavailable: \(p.fuse.detail)" }
-        if !p.privileges.capSysAdmin { return "mounting cowpin's FUSE file system needs CAP_SYS_ADMIN (run as root)" }
-        return nil
-    }
+    /// What every case served by cowpin's FUSE server requires.
+    public static let requirement: @Sendable (Probe) -> String? = { FuseServer.unavailable($0) }
 
     static func id(_ s: Submitter) -> String {
         switch s {
@@ -33,7 +30,7 @@ public enum ODirectCases {
                          _ body: @escaping @Sendable (CaseContext, Region, Submitter) throws -> Void) -> Scenario {
         Scenario(id: "\(id(sub))/\(event)", summary: "O_DIRECT via \(sub.summary): \(summary)", steps: steps,
                  tags: ["odirect", "fuse", id(sub), "fork"] + tags,
-                 requires: requirement) { ctx in try body(ctx, ctx.region, sub) }
+                 requires: { requirement($0) }) { ctx in try body(ctx, ctx.region, sub) }
     }
 
     /// A held O_DIRECT read into the first half of the region's first page.

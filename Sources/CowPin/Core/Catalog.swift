@@ -7,7 +7,7 @@ public enum Catalog {
     /// The long-term pin methods; each runs every long-term pin event that fits it.
     public static let pins: [PinMethod] = [
         IoUringFixedPin(), ODirectWritePin(), GupTestPin(fast: false), GupTestPin(fast: true),
-        VFIOPin(writable: false), VFIOPin(writable: true),
+        VFIOPin(writable: false), VFIOPin(writable: true), RDMAPin(writable: false), RDMAPin(writable: true),
     ]
 
     public static let scenarios: [Scenario] =

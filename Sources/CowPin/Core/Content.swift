@@ -161,16 +161,11 @@ public enum Comparison {
         let want = UnsafeMutableRawBufferPointer.allocate(byteCount: max(n, 1), alignment: 8)
         defer { want.deallocate() }
         expected.materialize(into: UnsafeMutableRawBufferPointer(rebasing: want[0..<n]), offset: base)
-        let maxRanges = Finding.maxRanges
-        var raw = [cp_range](repeating: cp_range(), count: maxRanges)
-        let total = raw.withUnsafeMutableBufferPointer { out in
-            Int(cp_diff_ranges(want.baseAddress, seen.baseAddress, n, mergeGap, out.baseAddress, maxRanges))
-        }
-        var differing: UInt64 = 0, pages: UInt64 = 0
-        cp_diff_count(want.baseAddress, seen.baseAddress, n, pageSize, &differing, &pages)
         let w = UnsafeRawBufferPointer(want)
-        let ranges = raw.prefix(min(total, maxRanges)).map { r -> DiffRange in
-            let off = Int(r.offset), len = Int(r.length)
+        let (found, total) = ByteDiff.ranges(w, seen, gap: mergeGap, max: Finding.maxRanges)
+        let (differing, pages) = ByteDiff.count(w, seen, pageSize: pageSize)
+        let ranges = found.map { r -> DiffRange in
+            let off = r.lowerBound, len = r.count
             let slice = UnsafeRawBufferPointer(rebasing: seen[off..<(off + len)])
             let shown = min(len, shownBytes)
             let who = candidates.first { $0.matches(slice, offset: base + off) }?.label ?? "unrecognised"
@@ -183,7 +178,7 @@ public enum Comparison {
         }
         return Finding(
             view: view, expected: expected.description, meaning: meaning,
-            differingBytes: Int(differing), differingPages: Int(pages),
+            differingBytes: differing, differingPages: pages,
             totalRanges: total, ranges: Array(ranges))
     }
 }

@@ -1,5 +1,5 @@
-import CCowPin
 import Glibc
+import SystemPackage
 
 /// A syscall (or libc/liburing call) that failed, with its errno.
 public struct SyscallError: Error, CustomStringConvertible, Equatable, Sendable {
@@ -11,6 +11,11 @@ public struct SyscallError: Error, CustomStringConvertible, Equatable, Sendable 
         self.errno = errno
     }
 
+    /// From a thrown `Errno` (swift-system); any other error counts as EIO.
+    public init(_ call: String, _ error: any Error) {
+        self.init(call, errno: (error as? Errno)?.rawValue ?? EIO)
+    }
+
     /// From a shim return value: a negative number is -errno.
     public init(_ call: String, result: Int) {
         self.init(call, errno: Int32(-result))
@@ -19,24 +24,24 @@ public struct SyscallError: Error, CustomStringConvertible, Equatable, Sendable 
     public var description: String { "\(call): \(Errno.name(errno)) (\(Errno.message(errno)))" }
 }
 
-public enum Errno {
-    static let names: [Int32: String] = [
-        EPERM: "EPERM", ENOENT: "ENOENT", ESRCH: "ESRCH", EINTR: "EINTR", EIO: "EIO",
-        E2BIG: "E2BIG", EBADF: "EBADF", ECHILD: "ECHILD", EAGAIN: "EAGAIN", ENOMEM: "ENOMEM",
-        EACCES: "EACCES", EFAULT: "EFAULT", EBUSY: "EBUSY", EEXIST: "EEXIST", ENODEV: "ENODEV",
-        EINVAL: "EINVAL", ENFILE: "ENFILE", EMFILE: "EMFILE", ENOSPC: "ENOSPC", EPIPE: "EPIPE",
-        ENOSYS: "ENOSYS", EOPNOTSUPP: "EOPNOTSUPP", ETIMEDOUT: "ETIMEDOUT", ETIME: "ETIME",
-        ENXIO: "ENXIO", EROFS: "EROFS", ECANCELED: "ECANCELED", ENODATA: "ENODATA",
-    ]
+/// The names of the errnos cowpin reports.
+private let errnoNames: [Int32: String] = [
+    EPERM: "EPERM", ENOENT: "ENOENT", ESRCH: "ESRCH", EINTR: "EINTR", EIO: "EIO",
+    E2BIG: "E2BIG", EBADF: "EBADF", ECHILD: "ECHILD", EAGAIN: "EAGAIN", ENOMEM: "ENOMEM",
+    EACCES: "EACCES", EFAULT: "EFAULT", EBUSY: "EBUSY", EEXIST: "EEXIST", ENODEV: "ENODEV",
+    EINVAL: "EINVAL", ENFILE: "ENFILE", EMFILE: "EMFILE", ENOSPC: "ENOSPC", EPIPE: "EPIPE",
+    ENOSYS: "ENOSYS", EOPNOTSUPP: "EOPNOTSUPP", ETIMEDOUT: "ETIMEDOUT", ETIME: "ETIME",
+    ENXIO: "ENXIO", EROFS: "EROFS", ECANCELED: "ECANCELED", ENODATA: "ENODATA",
+]
 
-    public static func name(_ err: Int32) -> String { names[err] ?? "errno \(err)" }
+extension Errno {
+    /// "EBADF"; "errno 123" for one without a name here.
+    public var name: String { errnoNames[rawValue] ?? "errno \(rawValue)" }
 
-    public static func message(_ err: Int32) -> String {
-        var buf = [CChar](repeating: 0, count: 128)
-        return buf.withUnsafeMutableBufferPointer { b in
-            String(cString: cp_strerror(err, b.baseAddress, b.count))
-        }
-    }
+    public static func name(_ err: Int32) -> String { Errno(rawValue: err).name }
+
+    /// strerror()'s text: "Bad file descriptor".
+    public static func message(_ err: Int32) -> String { Errno(rawValue: err).description }
 }
 
 /// Checks a shim return value (>= 0 success, < 0 is -errno).

@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// cowpin's own FUSE file system, served over the raw /dev/fuse protocol from
 /// a thread of this process. It has one file, `data`, opened with
@@ -33,7 +34,7 @@ public final class FuseServer {
     public var readData: Content { state.with { $0.readData } }
     /// The bound of every wait (the current case's).
     var timeoutMs: Int32
-    let devFD: Int32
+    let devFD: FileDescriptor
     let commands: OSPipe
     let events: OSPipe
     let state = Locked(State(readData: .zero))
@@ -193,19 +194,20 @@ public final class FuseServer {
         var template = Array("/tmp/\(Self.mountPrefix)\(getpid())-XXXXXX".utf8CString)
         guard let dir = mkdtemp(&template) else { throw SyscallError("mkdtemp(/tmp)", errno: errno) }
         mountpoint = String(cString: dir)
-        let fd = open("/dev/fuse", O_RDWR | O_CLOEXEC)
-        if fd < 0 {
-            let e = errno
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open("/dev/fuse", .readWrite, options: .closeOnExec)
+        } catch {
             rmdir(mountpoint)
-            throw SyscallError("open(/dev/fuse)", errno: e)
+            throw SyscallError("open(/dev/fuse)", error)
         }
         devFD = fd
         commands = try OSPipe()
         events = try OSPipe()
-        let options = "fd=\(fd),rootmode=40000,user_id=\(getuid()),group_id=\(getgid())"
+        let options = "fd=\(fd.rawValue),rootmode=40000,user_id=\(getuid()),group_id=\(getgid())"
         if mount("cowpin", mountpoint, "fuse", UInt(MS_NOSUID | MS_NODEV), options) != 0 {
             let e = errno
-            close(fd)
+            try? fd.close()
             rmdir(mountpoint)
             if e == EPERM { throw CaseSkip("mounting FUSE needs CAP_SYS_ADMIN (mount(2) returned EPERM)") }
             throw SyscallError("mount(fuse, \(mountpoint))", errno: e)
@@ -213,7 +215,7 @@ public final class FuseServer {
         mounted = true
         let (point, dev) = (mountpoint, fd)
         emergency = Emergency.add("unmounted \(point)") {
-            close(dev)
+            try? dev.close()
             umount2(point, Int32(MNT_DETACH))
             rmdir(point)
         }
@@ -247,8 +249,7 @@ public final class FuseServer {
                 _ = poll(&p, 1, pollMs)
                 // close() of a duplicate flushes without releasing the file (a
                 // RELEASE is sent asynchronously and could land in a later hold).
-                let other = dup(fd)
-                if other >= 0 { close(other) }
+                try? FileDescriptor(rawValue: fd).duplicate().close()
             }
             outcome.with { $0 = (fd, err) }
             cp_signal(done.writeEnd)
@@ -292,7 +293,7 @@ public final class FuseServer {
     /// Waits (bounded) until a request is queued on /dev/fuse (the gate being
     /// closed, nobody reads it): for a WRITE, the writer's pages are pinned.
     public func awaitQueuedRequest() throws {
-        let r = cp_wait_readable(devFD, timeoutMs)
+        let r = cp_wait_readable(devFD.rawValue, timeoutMs)
         if r == -ETIMEDOUT { throw doubt("FUSE: no request queued within \(timeoutMs) ms") }
         try check("poll(/dev/fuse)", r)
     }
@@ -331,87 +332,10 @@ public final class FuseServer {
             umount2(mountpoint, Int32(MNT_DETACH))
             rmdir(mountpoint)
             mounted = false
-            close(devFD)
+            try? devFD.close()
             Emergency.remove(emergency)
         }
     }
-
-    /// Fails every request in flight: through fusectl when it is mounted.
-    /// (Closing the last /dev/fuse descriptor, in `shutdown`, does the same.)
-    /// Never stat()s the mount: with the server gone that would wait forever.
-    func abortConnection() {
-        guard let minor = Self.connectionMinor(mountpoint, mountinfo: readFile("/proc/self/mountinfo") ?? "") else { return }
-        writeFile("/sys/fs/fuse/connections/\(minor)/abort", "1")
-    }
-
-    /// The FUSE connection number (the mount's device minor) from mountinfo.
-    static func connectionMinor(_ mountpoint: String, mountinfo: String) -> Int? {
-        for line in mountinfo.split(separator: "\n") {
-            let f = line.split(separator: " ")
-            guard f.count > 4, f[4] == mountpoint else { continue }
-            return f[2].split(separator: ":").last.flatMap { Int($0) }
-        }
-        return nil
-    }
-
-    /// Removes mounts and directories left by cowpin processes that died,
-    /// or are dying. A process SIGKILLed while one of its threads waited
-    /// for the answer to a request its own server had already read cannot
-    /// finish exiting: the kernel waits for that answer without regard to
-    /// signals, and the server is gone. MNT_FORCE aborts the connection,
-    /// which ends the wait (even when the unmount itself is refused).
-    public static func removeStale() {
-        let mountinfo = readFile("/proc/self/mountinfo") ?? ""
-        for line in mountinfo.split(separator: "\n") {
-            let f = line.split(separator: " ")
-            guard f.count > 4 else { continue }
-            let point = String(f[4])
-            if let pid = ownerPID(point), ownerGone(pid) {
-                umount2(point, Int32(MNT_FORCE))
-                umount2(point, Int32(MNT_DETACH))
-                rmdir(point)
-            }
-        }
-        for name in listDirectory("/tmp") {
-            let path = "/tmp/" + name
-            if let pid = ownerPID(path), ownerGone(pid) { rmdir(path) }
-        }
-    }
-
-    /// Whether `pid` has exited, or is exiting: its main thread is a zombie,
-    /// it is in do_exit() (PF_EXITING), or a SIGKILL is pending for it. The
-    /// last covers a process blocked at the very start of do_exit(), before
-    /// PF_EXITING: io_uring_files_cancel() waits in io_wq_put_and_exit() for
-    /// an io_uring worker that waits for the answer of the FUSE server that
-    /// died with the process (see `removeStale`).
-    public static func ownerGone(_ pid: Int32) -> Bool {
-        guard processAlive(pid) else { return true }
-        guard let stat = readFile("/proc/\(pid)/stat"), let paren = stat.lastIndex(of: ")") else { return false }
-        // After the name: state ppid pgrp session tty_nr tpgid flags ...
-        let fields = stat[paren...].dropFirst().split(separator: " ")
-        guard let state = fields.first else { return false }
-        if state == "Z" || state == "X" { return true }
-        let pfExiting: UInt64 = 0x4
-        if fields.count > 6, let flags = UInt64(fields[6]), flags & pfExiting != 0 { return true }
-        return sigkillPending(pid)
-    }
-
-    /// Whether a SIGKILL is pending for the process (ShdPnd or SigPnd of /proc/PID/status).
-    static func sigkillPending(_ pid: Int32) -> Bool {
-        guard let status = readFile("/proc/\(pid)/status") else { return false }
-        let bit = UInt64(1) << UInt64(SIGKILL - 1)
-        for line in status.split(separator: "\n") where line.hasPrefix("ShdPnd:") || line.hasPrefix("SigPnd:") {
-            if let mask = UInt64(line.split(separator: "\t").last ?? "", radix: 16), mask & bit != 0 { return true }
-        }
-        return false
-    }
-
-    static func ownerPID(_ path: String) -> Int32? {
-        guard path.hasPrefix("/tmp/" + mountPrefix) else { return nil }
-        let rest = path.dropFirst(("/tmp/" + mountPrefix).count)
-        return rest.split(separator: "-").first.flatMap { Int32($0) }
-    }
-
 
     func command(_ c: UInt8) throws {
         var b = c
@@ -446,205 +370,5 @@ public final class FuseServer {
     func notify(_ e: Event) {
         var b = e.rawValue
         _ = write(events.writeEnd, &b, 1)
-    }
-
-    // MARK: - the server thread
-
-    func serve() {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.maxWrite + 65536, alignment: 16)
-        defer {
-            buffer.deallocate()
-            notify(.exited)
-        }
-        while true {
-            let gateOpen = state.with { $0.gateOpen }
-            var fds = [pollfd(fd: commands.readEnd, events: Int16(POLLIN), revents: 0)]
-            if gateOpen { fds.append(pollfd(fd: devFD, events: Int16(POLLIN), revents: 0)) }
-            let r = poll(&fds, nfds_t(fds.count), -1)
-            if r < 0 {
-                if errno == EINTR { continue }
-                state.with { $0.failure = "poll: \(Errno.name(errno))" }
-                return
-            }
-            if fds[0].revents != 0 {
-                var c: UInt8 = 0
-                guard read(commands.readEnd, &c, 1) == 1 else { return }
-                switch c {
-                case 0x51: return // quit
-                case 0x47: notify(.gateClosed)
-                case 0x52: replyHeldRead()
-                default: break
-                }
-                continue // re-check the gate before reading /dev/fuse
-            }
-            if fds.count > 1 && fds[1].revents != 0 {
-                let n = read(devFD, buffer.baseAddress, buffer.count)
-                if n < 0 {
-                    if errno == EINTR || errno == ENOENT || errno == EAGAIN { continue }
-                    state.with { $0.failure = "read(/dev/fuse): \(Errno.name(errno))" }
-                    return
-                }
-                handle(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
-            }
-        }
-    }
-
-    func handle(_ req: UnsafeRawBufferPointer) {
-        guard req.count >= MemoryLayout<fuse_in_header>.size else { return }
-        let h = req.loadUnaligned(as: fuse_in_header.self)
-        let body = UnsafeRawBufferPointer(rebasing: req[MemoryLayout<fuse_in_header>.size...])
-        state.with { $0.seen.append(h.opcode) }
-        switch h.opcode {
-        case FUSE_INIT.rawValue:
-            let i = body.loadUnaligned(as: fuse_init_in.self)
-            var o = fuse_init_out()
-            o.major = UInt32(FUSE_KERNEL_VERSION)
-            o.minor = min(i.minor, UInt32(FUSE_KERNEL_MINOR_VERSION))
-            o.max_readahead = i.max_readahead
-            o.max_write = UInt32(Self.maxWrite)
-            o.max_background = 16
-            o.congestion_threshold = 12
-            o.time_gran = 1
-            reply(h.unique, o)
-            notify(.initialized)
-        case FUSE_LOOKUP.rawValue:
-            let name = String(decoding: body.prefix { $0 != 0 }, as: UTF8.self)
-            guard h.nodeid == Self.rootNode, name == Self.fileName else { return replyError(h.unique, ENOENT) }
-            var o = fuse_entry_out()
-            o.nodeid = Self.fileNode
-            o.generation = 1
-            o.entry_valid = 3600
-            o.attr_valid = 3600
-            o.attr = attributes(Self.fileNode)
-            reply(h.unique, o)
-        case FUSE_GETATTR.rawValue:
-            guard h.nodeid == Self.rootNode || h.nodeid == Self.fileNode else { return replyError(h.unique, ENOENT) }
-            var o = fuse_attr_out()
-            o.attr_valid = 3600
-            o.attr = attributes(h.nodeid)
-            reply(h.unique, o)
-        case FUSE_OPEN.rawValue:
-            var o = fuse_open_out()
-            o.fh = state.with { s -> UInt64 in
-                s.opens += 1
-                defer { s.nextHandle += 1 }
-                return s.nextHandle
-            }
-            o.open_flags = UInt32(FOPEN_DIRECT_IO)
-            reply(h.unique, o)
-        case FUSE_READ.rawValue:
-            let i = body.loadUnaligned(as: fuse_read_in.self)
-            let hold = state.with { s -> Bool in
-                guard i.fh >= s.caseHandles else {
-                    s.strays += 1
-                    return false
-                }
-                guard s.holdReads else { return false }
-                s.holdReads = false
-                s.heldRead = (h.unique, Int(i.offset), Int(i.size))
-                return true
-            }
-            if hold {
-                notify(.readHeld)
-            } else {
-                replyRead(h.unique, offset: Int(i.offset), size: Int(i.size))
-            }
-        case FUSE_WRITE.rawValue:
-            let i = body.loadUnaligned(as: fuse_write_in.self)
-            let dataStart = MemoryLayout<fuse_write_in>.size
-            let data = Array(body[dataStart..<min(body.count, dataStart + Int(i.size))])
-            let current = state.with { s -> Bool in
-                guard i.fh >= s.caseHandles else {
-                    s.strays += 1
-                    return false
-                }
-                s.writes.append((Int(i.offset), data))
-                return true
-            }
-            var o = fuse_write_out()
-            o.size = UInt32(data.count)
-            reply(h.unique, o)
-            if current { notify(.writeReceived) }
-        case FUSE_RELEASE.rawValue:
-            state.with { $0.releases += 1 }
-            replyEmpty(h.unique)
-            notify(.released)
-        case FUSE_RELEASEDIR.rawValue:
-            replyEmpty(h.unique)
-        case FUSE_FORGET.rawValue, FUSE_BATCH_FORGET.rawValue, FUSE_INTERRUPT.rawValue:
-            break // no reply
-        case FUSE_DESTROY.rawValue:
-            replyEmpty(h.unique)
-        default:
-            // FLUSH included: ENOSYS makes the kernel stop sending it, so a
-            // child's exit (closing its copy of the file) never waits on us.
-            replyError(h.unique, ENOSYS)
-        }
-    }
-
-    static func opcodeName(_ op: UInt32) -> String {
-        let names: [UInt32: String] = [
-            FUSE_LOOKUP.rawValue: "LOOKUP", FUSE_FORGET.rawValue: "FORGET", FUSE_GETATTR.rawValue: "GETATTR",
-            FUSE_OPEN.rawValue: "OPEN", FUSE_READ.rawValue: "READ", FUSE_WRITE.rawValue: "WRITE",
-            FUSE_RELEASE.rawValue: "RELEASE", FUSE_FLUSH.rawValue: "FLUSH", FUSE_INIT.rawValue: "INIT",
-            FUSE_INTERRUPT.rawValue: "INTERRUPT", FUSE_DESTROY.rawValue: "DESTROY", FUSE_BATCH_FORGET.rawValue: "BATCH_FORGET",
-        ]
-        return names[op] ?? "op\(op)"
-    }
-
-    func attributes(_ node: UInt64) -> fuse_attr {
-        var a = fuse_attr()
-        a.ino = node
-        if node == Self.rootNode {
-            a.mode = 0o040755 // S_IFDIR | 0755
-            a.nlink = 2
-        } else {
-            a.mode = 0o100644 // S_IFREG | 0644
-            a.nlink = 1
-            a.size = UInt64(Self.fileSize)
-            a.blocks = UInt64(Self.fileSize / 512)
-        }
-        a.uid = getuid()
-        a.gid = getgid()
-        a.blksize = 4096
-        return a
-    }
-
-    func replyHeldRead() {
-        guard let r = state.with({ s -> (unique: UInt64, offset: Int, size: Int)? in
-            defer { s.heldRead = nil }
-            return s.heldRead
-        }) else { return }
-        replyRead(r.unique, offset: r.offset, size: r.size)
-    }
-
-    func replyRead(_ unique: UInt64, offset: Int, size: Int) {
-        let n = max(0, min(size, Self.fileSize - offset))
-        let data = UnsafeMutableRawBufferPointer.allocate(byteCount: max(n, 1), alignment: 8)
-        defer { data.deallocate() }
-        readData.materialize(into: UnsafeMutableRawBufferPointer(rebasing: data[0..<n]), offset: offset)
-        send(unique, error: 0, UnsafeRawBufferPointer(rebasing: data[0..<n]))
-    }
-
-    func reply<T>(_ unique: UInt64, _ value: T) {
-        var v = value
-        withUnsafeBytes(of: &v) { send(unique, error: 0, $0) }
-    }
-
-    func replyEmpty(_ unique: UInt64) { send(unique, error: 0, UnsafeRawBufferPointer(start: nil, count: 0)) }
-
-    func replyError(_ unique: UInt64, _ err: Int32) { send(unique, error: -err, UnsafeRawBufferPointer(start: nil, count: 0)) }
-
-    func send(_ unique: UInt64, error: Int32, _ payload: UnsafeRawBufferPointer) {
-        var h = fuse_out_header()
-        h.len = UInt32(MemoryLayout<fuse_out_header>.size + payload.count)
-        h.error = error
-        h.unique = unique
-        var iov = [iovec](repeating: iovec(), count: 2)
-        withUnsafeMutableBytes(of: &h) { hb in
-            iov[0] = iovec(iov_base: hb.baseAddress, iov_len: hb.count)
-            iov[1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: payload.baseAddress), iov_len: payload.count)
-            _ = writev(devFD, iov, payload.count > 0 ? 2 : 1)
-        }
     }
 }

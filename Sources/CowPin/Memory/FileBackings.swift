@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// The files cowpin maps, as kselftest mm/cow.c and mm/gup_longterm.c do: a
 /// memfd (shmem), a file on tmpfs, a file on ext4 (a file system that tracks
@@ -271,41 +272,7 @@ extension Backing {
     /// A file page in a MAP_PRIVATE mapping, read before any write: the
     /// pagecache page itself is mapped (R/O), not an anonymous copy.
     public static let memfdPrivate = file(.memfd, .privateRead)
-    public static let tmpfsPrivate = file(.tmpfs, .privateRead)
-    public static let ext4Private = file(.ext4, .privateRead)
-    public static func hugetlbfsPrivate(_ kb: Int) -> Backing { file(.memfdHugetlb(kb: kb), .privateRead) }
 
     /// Every file kind, MAP_PRIVATE and read (the pagecache page mapped).
     public static let privateFiles: [Backing] = FileKind.all.map { file($0, .privateRead) }
-
-    /// The backings of the `pagecache-write` long-term pin event: every file
-    /// kind for io_uring, memfd for the other pins. io_uring refuses buffers
-    /// in some file mappings (a policy that changed in 5.14 and 6.5, and that
-    /// stable kernels change by backport): where this kernel refuses the
-    /// buffer, the case skips saying so, and longterm-file/iouring-fixed-*
-    /// records the refusal as a policy fact.
-    static func pagecacheBackings(for pin: PinMethod) -> [Backing] {
-        guard pin is IoUringFixedPin else { return [memfdPrivate] }
-        return privateFiles.map { b in
-            Backing(id: b.id, summary: b.summary, tags: b.tags, needs: b.needs) { ctx in
-                let r = try b.make(ctx)
-                let fs = try FileSystem.of(r.file!)
-                // io_uring has taken buffers in hugetlbfs mappings since it
-                // began (5.1); probing would need a second huge page.
-                if fs == FileSystem.hugetlbfs { return r }
-                // Asked of the kernel (not predicted from its version), on a
-                // second private mapping of the file: the case's own mapping
-                // keeps its pagecache page until the case pins it.
-                var err: Int32 = 0
-                guard let probe = cp_mmap_fd(r.size, Int32(CP_PROT_READ_WRITE), 0, r.file!, 0, &err) else {
-                    throw SyscallError("mmap(MAP_PRIVATE) of the file", errno: err)
-                }
-                defer { munmap(probe, r.size) }
-                if let refused = try IoUring(entries: 4).tryRegister(base: probe, size: r.size) {
-                    throw CaseSkip("this kernel's io_uring refuses a buffer in a MAP_PRIVATE \(FileSystem.name(fs)) mapping (\(Errno.name(refused))): a policy, recorded by longterm-file/iouring-fixed-private/*")
-                }
-                return r
-            }
-        }
-    }
 }

@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// Reads /proc/PID/pagemap, /proc/kpageflags and /proc/self/smaps.
 public enum PageInfo {
@@ -21,17 +22,15 @@ public enum PageInfo {
 
     /// The pagemap entry of the page at `address` in process `pid` ("self" when nil).
     public static func entry(pid: Int32? = nil, address: UnsafeRawPointer) -> Entry? {
-        let fd: Int32
-        if let pid {
-            fd = open("/proc/\(pid)/pagemap", O_RDONLY | O_CLOEXEC)
-        } else {
-            fd = ownPagemap
-        }
-        guard fd >= 0 else { return nil }
-        defer { if pid != nil { close(fd) } }
         let index = UInt(bitPattern: address) / UInt(cp_page_size())
         var raw: UInt64 = 0
-        guard cp_pread_full(fd, &raw, 8, Int64(index * 8)) == 8 else { return nil }
+        guard let pid else {
+            guard ownPagemap >= 0, cp_pread_full(ownPagemap, &raw, 8, Int64(index * 8)) == 8 else { return nil }
+            return Entry(raw: raw)
+        }
+        guard let fd = try? FileDescriptor.open(FilePath("/proc/\(pid)/pagemap"), .readOnly, options: .closeOnExec) else { return nil }
+        defer { try? fd.close() }
+        guard cp_pread_full(fd.rawValue, &raw, 8, Int64(index * 8)) == 8 else { return nil }
         return Entry(raw: raw)
     }
 
@@ -110,56 +109,29 @@ public enum PageInfo {
 
     /// Parses smaps text: the "Key: N kB" value of the VMA holding `address`.
     public static func smapsValue(_ key: String, in text: [UInt8], containing address: UInt64) -> Int? {
-        let v = text.withUnsafeBufferPointer { b in
-            b.withMemoryRebound(to: CChar.self) { cp_smaps_value($0.baseAddress, $0.count, address, key) }
+        let key = Array(key.utf8)
+        var inside = false
+        for line in text.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false) {
+            // A VMA header starts with "lo-hi "; field lines start with "Key:".
+            if let (lo, hi) = vmaRange(line) {
+                if inside { return nil }
+                inside = address >= lo && address < hi
+                continue
+            }
+            guard inside, line.count > key.count, line.starts(with: key), line[line.startIndex + key.count] == UInt8(ascii: ":") else { continue }
+            let digits = line.dropFirst(key.count + 1).drop { $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "\t") }
+                .prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+            return Int(String(decoding: digits, as: UTF8.self)) ?? 0
         }
-        return v < 0 ? nil : v
+        return nil
     }
-}
 
-/// The whole content of a (proc, sys) file, as bytes, or nil.
-public func readBytes(_ path: String) -> [UInt8]? {
-    try? readBytes(path, limit: Int.max)
-}
-
-/// A file's content up to `limit` bytes; a longer file (or an endless one
-/// like /dev/zero) is `InputTooLarge`, nil when it cannot be opened or read.
-public func readBytes(_ path: String, limit: Int) throws -> [UInt8]? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var data = [UInt8]()
-    var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n < 0 && errno == EINTR { continue }
-        if n < 0 { return nil }
-        if n == 0 { break }
-        guard data.count + n <= limit else { throw InputTooLarge(path: path, limit: limit) }
-        data += chunk[0..<n]
+    /// The addresses of a smaps VMA header line ("7f00-7f20 rw-p ..."); nil for another line.
+    static func vmaRange(_ line: ArraySlice<UInt8>) -> (UInt64, UInt64)? {
+        guard let dash = line.firstIndex(of: UInt8(ascii: "-")), dash > line.startIndex,
+              let space = line[dash...].firstIndex(of: UInt8(ascii: " ")),
+              let lo = UInt64(String(decoding: line[..<dash], as: UTF8.self), radix: 16),
+              let hi = UInt64(String(decoding: line[(dash + 1)..<space], as: UTF8.self), radix: 16) else { return nil }
+        return (lo, hi)
     }
-    return data
-}
-
-/// An input file over the size its reader accepts.
-public struct InputTooLarge: Error, CustomStringConvertible {
-    public var path: String
-    public var limit: Int
-    public var description: String { "\(path) is larger than \(limit / (1 << 20)) MiB: not an input cowpin reads" }
-}
-
-/// The whole content of a (proc, sys) file, or nil.
-public func readFile(_ path: String) -> String? {
-    readBytes(path).map { String(decoding: $0, as: UTF8.self) }
-}
-
-/// Writes `value` to a (sys) file; nil on success, else the errno.
-@discardableResult
-public func writeFile(_ path: String, _ value: String) -> Int32? {
-    let fd = open(path, O_WRONLY | O_CLOEXEC)
-    guard fd >= 0 else { return errno }
-    defer { close(fd) }
-    let bytes = Array(value.utf8)
-    let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-    return n == bytes.count ? nil : errno
 }

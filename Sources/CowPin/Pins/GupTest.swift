@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// The kernel's gup_test debugfs interface (CONFIG_GUP_TEST): PIN_LONGTERM_TEST
 /// takes a long-term pin, R/O unless asked for write; PIN_LONGTERM_TEST_READ
@@ -14,6 +15,13 @@ public struct GupTestPin: PinMethod {
         "gup_test PIN_LONGTERM_TEST, R/O long-term pin via \(fast ? "pin_user_pages_fast()" : "pin_user_pages()")"
     }
     public var readOnly: Bool { true }
+    /// What only gup_test adds: the long-term R/O pin, through
+    /// pin_user_pages() and pin_user_pages_fast(), on every page size. The
+    /// R/O unshare on every THP shape is odirect-write's, which needs no
+    /// CONFIG_GUP_TEST.
+    public var coverage: PinCoverage {
+        PinCoverage(events: LongTermEvent.roUnshare.union(LongTermEvent.roLongterm), anon: Backing.withMTHP, matrix: Backing.withMTHP)
+    }
 
     public func unavailable(_ probe: Probe) -> String? {
         probe.gupTest.available ? nil : probe.gupTest.detail
@@ -25,10 +33,10 @@ public struct GupTestPin: PinMethod {
     public var needs: SharedNeeds { .alone }
 
     public func pin(_ region: Region, in ctx: CaseContext) throws -> Pin {
-        let fd = try check("open(\(Self.path))", cp_gup_test_open(Self.path))
-        let r = cp_gup_pin_longterm_start(fd, region.base, region.size, 0, fast ? 1 : 0)
+        let fd = FileDescriptor(rawValue: try check("open(\(Self.path))", cp_gup_test_open(Self.path)))
+        let r = cp_gup_pin_longterm_start(fd.rawValue, region.base, region.size, 0, fast ? 1 : 0)
         if r < 0 {
-            cp_close(fd)
+            try? fd.close()
             // gup_test answers EINVAL to a command it does not have: the
             // PIN_LONGTERM_TEST ioctls came with kselftest mm/cow.c in 6.2.
             // (A pin already held is EINVAL too, but these cases run alone
@@ -45,10 +53,11 @@ public struct GupTestPin: PinMethod {
 }
 
 final class GupTestLongterm: Pin {
-    var fd: Int32
+    /// nil once released.
+    var fd: FileDescriptor?
     let size: Int
     let fast: Bool
-    init(fd: Int32, size: Int, fast: Bool) {
+    init(fd: FileDescriptor, size: Int, fast: Bool) {
         self.fd = fd
         self.size = size
         self.fast = fast
@@ -59,15 +68,16 @@ final class GupTestLongterm: Pin {
 
     func withView<R>(_ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         var out = [UInt8](repeating: 0, count: size)
-        _ = try out.withUnsafeMutableBytes { try check("PIN_LONGTERM_TEST_READ", cp_gup_pin_longterm_read(fd, $0.baseAddress)) }
+        guard let fd else { throw HarnessError("gup_test: the pin was released") }
+        _ = try out.withUnsafeMutableBytes { try check("PIN_LONGTERM_TEST_READ", cp_gup_pin_longterm_read(fd.rawValue, $0.baseAddress)) }
         return try out.withUnsafeBytes(body)
     }
 
     func release() {
-        if fd >= 0 {
-            cp_gup_pin_longterm_stop(fd)
-            cp_close(fd)
-            fd = -1
+        if let fd {
+            cp_gup_pin_longterm_stop(fd.rawValue)
+            try? fd.close()
+            self.fd = nil
         }
     }
 }

@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// io_uring fixed buffers: IORING_REGISTER_BUFFERS takes a long-term R/W pin
 /// (FOLL_PIN | FOLL_LONGTERM | FOLL_WRITE). The pin's view is observed with
@@ -10,6 +11,8 @@ public struct IoUringFixedPin: PinMethod {
     public var id: String { "iouring-fixed" }
     public var summary: String { "io_uring fixed buffer (IORING_REGISTER_BUFFERS: FOLL_PIN|FOLL_LONGTERM|FOLL_WRITE)" }
     public var readOnly: Bool { false }
+    /// Every event on every shape, and `pagecache-write` on every file kind.
+    public var coverage: PinCoverage { PinCoverage(pagecache: Self.pagecacheBackings) }
 
     public func unavailable(_ probe: Probe) -> String? {
         probe.ioUring.usable ? nil : "io_uring unavailable: \(probe.ioUring.detail)"
@@ -27,9 +30,34 @@ public struct IoUringFixedPin: PinMethod {
         ctx.onCleanup { pin.release() }
         return pin
     }
+
+    /// The backings of `pagecache-write`: every file kind. io_uring refuses
+    /// buffers in some file mappings (a policy that changed in 5.14 and 6.5,
+    /// and that stable kernels change by backport): where this kernel
+    /// refuses the buffer, the case skips saying so, and
+    /// longterm-file/iouring-fixed-* records the refusal as a policy fact.
+    static let pagecacheBackings: [Backing] = Backing.privateFiles.map { b in
+        Backing(id: b.id, summary: b.summary, tags: b.tags, needs: b.needs) { ctx in
+            let r = try b.make(ctx)
+            let fs = try FileSystem.of(r.file!)
+            // io_uring has taken buffers in hugetlbfs mappings since it
+            // began (5.1); probing would need a second huge page.
+            if fs == FileSystem.hugetlbfs { return r }
+            // Asked of the kernel (not predicted from its version), on a
+            // second private mapping of the file: the case's own mapping
+            // keeps its pagecache page until the case pins it.
+            var err: Int32 = 0
+            guard let probe = cp_mmap_fd(r.size, Int32(CP_PROT_READ_WRITE), 0, r.file!, 0, &err) else {
+                throw SyscallError("mmap(MAP_PRIVATE) of the file", errno: err)
+            }
+            defer { munmap(probe, r.size) }
+            if let refused = try IoUring(entries: 4).tryRegister(base: probe, size: r.size) {
+                throw CaseSkip("this kernel's io_uring refuses a buffer in a MAP_PRIVATE \(FileSystem.name(fs)) mapping (\(Errno.name(refused))): a policy, recorded by longterm-file/iouring-fixed-private/*")
+            }
+            return r
+        }
+    }
 }
-
-
 
 /// An io_uring instance.
 public final class IoUring {
@@ -140,31 +168,33 @@ final class IoUringFixed: Pin {
 /// copy back. Files up to 4 MiB are kept for the next view of the same size
 /// (their pages stay allocated: no shmem allocation and clearing per read).
 final class MemfdView {
-    let fd: Int32
+    let descriptor: FileDescriptor
+    var fd: Int32 { descriptor.rawValue }
     let base: UnsafeMutableRawPointer
     let size: Int
     static let pool = SizePool<MemfdView>()
 
     private init(size: Int) throws {
-        let fd = try check("memfd_create", cp_memfd_create("cowpin-pin-view", 0))
-        guard ftruncate(fd, off_t(size)) == 0 else {
-            let e = errno
-            cp_close(fd)
-            throw SyscallError("ftruncate(memfd, \(size))", errno: e)
+        let fd = FileDescriptor(rawValue: try check("memfd_create", cp_memfd_create("cowpin-pin-view", 0)))
+        do {
+            try fd.resize(to: Int64(size))
+        } catch {
+            try? fd.close()
+            throw SyscallError("ftruncate(memfd, \(size))", error)
         }
         var err: Int32 = 0
-        guard let p = cp_mmap_fd(size, Int32(CP_PROT_READ), 1, fd, 0, &err) else {
-            cp_close(fd)
+        guard let p = cp_mmap_fd(size, Int32(CP_PROT_READ), 1, fd.rawValue, 0, &err) else {
+            try? fd.close()
             throw SyscallError("mmap(memfd, MAP_SHARED)", errno: err)
         }
-        self.fd = fd
+        self.descriptor = fd
         self.base = p
         self.size = size
     }
 
     deinit {
         cp_munmap(base, size)
-        cp_close(fd)
+        try? descriptor.close()
     }
 
     var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }

@@ -20,8 +20,12 @@ public struct ODirectWritePin: PinMethod {
         "O_DIRECT write held in the FUSE queue, a R/O pin of the source pages (FOLL_PIN since 6.9)"
     }
     public var readOnly: Bool { true }
+    /// A short-term R/O pin: the anonymous unshare events on every shape
+    /// (short-term pins of the zeropage or pagecache are not meant to follow
+    /// later writes).
+    public var coverage: PinCoverage { PinCoverage(events: LongTermEvent.roUnshare) }
 
-    public func unavailable(_ probe: Probe) -> String? { ODirectCases.requirement(probe) }
+    public func unavailable(_ probe: Probe) -> String? { FuseServer.unavailable(probe) }
 
     public func pin(_ region: Region, in ctx: CaseContext) throws -> Pin {
         try QueuedWrite(ctx, .thread, length: min(region.size, Self.pinnedBytes))
@@ -67,4 +71,14 @@ public final class QueuedWrite: Pin {
 
     /// The case's cleanup shuts the server down, which fails a write still queued.
     public func release() {}
+}
+
+extension FuseServer {
+    /// Why cowpin's FUSE server cannot be mounted here, or nil: what every
+    /// case that holds I/O in it requires.
+    public static func unavailable(_ p: Probe) -> String? {
+        if !p.fuse.available { return "FUSE unavailable: \(p.fuse.detail)" }
+        if !p.privileges.capSysAdmin { return "mounting cowpin's FUSE file system needs CAP_SYS_ADMIN (run as root)" }
+        return nil
+    }
 }

@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// A DMA-capable PCI device driven from user space through VFIO. Each driver
 /// knows one device's registers; cowpin only needs a copy from one IOVA to
@@ -37,9 +38,11 @@ public enum DMADevices {
 /// A VFIO container, group and device (type1 IOMMU).
 public final class VFIODevice {
     public let bdf: String
-    let container: Int32
-    let group: Int32
-    let device: Int32
+    let containerFD: FileDescriptor
+    let groupFD: FileDescriptor
+    let deviceFD: FileDescriptor
+    var container: Int32 { containerFD.rawValue }
+    var device: Int32 { deviceFD.rawValue }
     let bar0: UInt64
     let config: UInt64
 
@@ -52,20 +55,20 @@ public final class VFIODevice {
         free(groupLink)
         let c = cp_vfio_open_container()
         guard c >= 0 else { throw SyscallError("open(/dev/vfio/vfio)", result: Int(c)) }
-        container = c
+        containerFD = FileDescriptor(rawValue: c)
         let g = cp_vfio_open_group(c, "/dev/vfio/\(groupNumber)")
         guard g >= 0 else {
-            close(c)
+            try? containerFD.close()
             throw SyscallError("VFIO group /dev/vfio/\(groupNumber)", result: Int(g))
         }
-        group = g
+        groupFD = FileDescriptor(rawValue: g)
         let d = cp_vfio_device_fd(g, bdf)
         guard d >= 0 else {
-            close(g)
-            close(c)
+            try? groupFD.close()
+            try? containerFD.close()
             throw SyscallError("VFIO_GROUP_GET_DEVICE_FD(\(bdf))", result: Int(d))
         }
-        device = d
+        deviceFD = FileDescriptor(rawValue: d)
         var off: UInt64 = 0, size: UInt64 = 0, coff: UInt64 = 0
         try check("VFIO region BAR0", cp_vfio_region(d, UInt32(CP_VFIO_BAR0), &off, &size))
         bar0 = off
@@ -74,9 +77,9 @@ public final class VFIODevice {
     }
 
     deinit {
-        close(device)
-        close(group)
-        close(container)
+        try? deviceFD.close()
+        try? groupFD.close()
+        try? containerFD.close()
     }
 
     public func read32(_ reg: UInt64) throws -> UInt32 {
@@ -167,6 +170,8 @@ public struct VFIOPin: PinMethod {
     public var readOnly: Bool { !writable }
     /// One process at a time may open a VFIO group (EBUSY otherwise).
     public var needs: SharedNeeds { .alone }
+    /// A DMA round trip per read (about 100 ms): every event, on the standard backings.
+    public var coverage: PinCoverage { PinCoverage(anon: Backing.standard, matrix: Backing.standard) }
 
     public func unavailable(_ probe: Probe) -> String? {
         if !probe.vfio.container { return "no /dev/vfio/vfio (VFIO not enabled); \(DMADevices.missing)" }

@@ -1,4 +1,5 @@
 import CCowPin
+import CZlib
 import Glibc
 
 /// What the running kernel offers cowpin, read from /proc, /sys and a few syscalls.
@@ -107,14 +108,16 @@ public struct Probe: Codable, Sendable, Equatable {
     public var gupTest: Feature
     public var ksm: Feature
     public var userfaultfd: Feature
+    /// RDMA devices and rdma-core's fork claim (nil in a probe from an older cowpin).
+    public var rdma: RDMAInfo?
 
     public static var isRoot: Bool { geteuid() == 0 }
 
     public static func memlockLimit() -> Limit {
-        var soft: UInt64 = 0, hard: UInt64 = 0
-        guard cp_getrlimit_memlock(&soft, &hard) == 0 else { return Limit(soft: nil, hard: nil) }
-        let inf = UInt64.max
-        return Limit(soft: soft == inf ? nil : soft, hard: hard == inf ? nil : hard)
+        var r = rlimit()
+        guard getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &r) == 0 else { return Limit(soft: nil, hard: nil) }
+        let inf = rlim_t.max  // RLIM_INFINITY
+        return Limit(soft: r.rlim_cur == inf ? nil : UInt64(r.rlim_cur), hard: r.rlim_max == inf ? nil : UInt64(r.rlim_max))
     }
 
     /// Probes the running kernel.
@@ -141,7 +144,8 @@ public struct Probe: Codable, Sendable, Equatable {
             ksm: Feature(available: access("/sys/kernel/mm/ksm/run", F_OK) == 0,
                          detail: access("/sys/kernel/mm/ksm/run", F_OK) == 0 ? "run=\(trimmed("/sys/kernel/mm/ksm/run") ?? "?")" : "no /sys/kernel/mm/ksm (CONFIG_KSM not set)"),
             userfaultfd: Feature(available: access("/proc/sys/vm/unprivileged_userfaultfd", F_OK) == 0 || access("/dev/userfaultfd", F_OK) == 0,
-                                 detail: access("/dev/userfaultfd", F_OK) == 0 ? "/dev/userfaultfd present" : "syscall only")
+                                 detail: access("/dev/userfaultfd", F_OK) == 0 ? "/dev/userfaultfd present" : "syscall only"),
+            rdma: RDMA.probe()
         )
     }
 
@@ -222,17 +226,6 @@ public struct Probe: Codable, Sendable, Equatable {
     }
 }
 
-func listDirectory(_ path: String) -> [String] {
-    guard let d = opendir(path) else { return [] }
-    defer { closedir(d) }
-    var names: [String] = []
-    while let e = readdir(d) {
-        let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        if name != "." && name != ".." { names.append(name) }
-    }
-    return names
-}
-
 /// Pure parsers for the files the probe reads (unit-tested on fixed text).
 public enum ProbeParsing {
     /// "always [madvise] never" -> "madvise".
@@ -286,10 +279,8 @@ public struct KernelConfig: Sendable {
 
     /// The configuration, or only `keys` of it (a config has thousands of lines).
     public static func current(keys: Set<String>? = nil) -> KernelConfig? {
-        var buf = [UInt8](repeating: 0, count: 1 << 20)
-        let n = buf.withUnsafeMutableBytes { cp_read_gzip("/proc/config.gz", $0.baseAddress, $0.count) }
-        if n > 0 {
-            return KernelConfig(source: "/proc/config.gz", values: parse(String(decoding: buf[0..<n], as: UTF8.self), keys: keys))
+        if let text = readGzip("/proc/config.gz", limit: 1 << 20), !text.isEmpty {
+            return KernelConfig(source: "/proc/config.gz", values: parse(String(decoding: text, as: UTF8.self), keys: keys))
         }
         var u = utsname()
         uname(&u)

@@ -194,12 +194,3 @@ public final class Child {
         reaped = true
     }
 }
-
-
-func signalName(_ sig: Int32) -> String {
-    let names: [Int32: String] = [
-        1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT", 7: "SIGBUS",
-        8: "SIGFPE", 9: "SIGKILL", 11: "SIGSEGV", 13: "SIGPIPE", 14: "SIGALRM", 15: "SIGTERM",
-    ]
-    return names[sig] ?? "signal \(sig)"
-}

@@ -1,17 +1,24 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// A pipe (O_CLOEXEC). Both ends close on release.
 public final class OSPipe {
-    public private(set) var readEnd: Int32
-    public private(set) var writeEnd: Int32
+    private var read: FileDescriptor?
+    private var write: FileDescriptor?
 
     public init() throws {
-        var fds: [Int32] = [-1, -1]
-        try check("pipe2", fds.withUnsafeMutableBufferPointer { cp_pipe($0.baseAddress) })
-        readEnd = fds[0]
-        writeEnd = fds[1]
+        do {
+            (read, write) = try FileDescriptor.pipe(options: .closeOnExec)
+        } catch {
+            throw SyscallError("pipe2", error)
+        }
     }
+
+    /// The read end's number, for the shim and the child's program; -1 once closed.
+    public var readEnd: Int32 { read?.rawValue ?? -1 }
+    /// The write end's number; -1 once closed.
+    public var writeEnd: Int32 { write?.rawValue ?? -1 }
 
     deinit { close() }
 
@@ -21,11 +28,13 @@ public final class OSPipe {
     }
 
     public func closeRead() {
-        if readEnd >= 0 { cp_close(readEnd); readEnd = -1 }
+        try? read?.close()
+        read = nil
     }
 
     public func closeWrite() {
-        if writeEnd >= 0 { cp_close(writeEnd); writeEnd = -1 }
+        try? write?.close()
+        write = nil
     }
 }
 

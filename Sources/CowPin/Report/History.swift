@@ -1,4 +1,5 @@
 import Glibc
+import CCowPin
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -110,6 +111,26 @@ public struct ExpectedVerdicts: Codable, Sendable {
 
     public static func load(_ path: String) throws -> ExpectedVerdicts {
         guard let bytes = try readBytes(path, limit: 16 << 20) else { throw HarnessError("cannot read \(path)") }
+        return try decode(bytes, from: path)
+    }
+
+    /// The history file as it was when this binary was built (compiled in
+    /// from data/expected-verdicts.json), so a copied binary needs no checkout.
+    public static var embeddedBytes: [UInt8] {
+        Array(UnsafeBufferPointer(start: cp_embedded_history(), count: cp_embedded_history_size()))
+    }
+
+    /// The compiled-in history file.
+    public static func embedded() throws -> ExpectedVerdicts {
+        try decode(embeddedBytes, from: "the built-in data/expected-verdicts.json")
+    }
+
+    /// `path`, or the compiled-in copy when nil.
+    public static func load(path: String?) throws -> ExpectedVerdicts {
+        try path.map { try load($0) } ?? embedded()
+    }
+
+    static func decode(_ bytes: [UInt8], from path: String) throws -> ExpectedVerdicts {
         let h: ExpectedVerdicts
         do {
             h = try JSONDecoder().decode(ExpectedVerdicts.self, from: Data(bytes))

@@ -22,6 +22,9 @@ public enum ProbeText {
         l.append("VFIO:          container \(p.vfio.container ? "yes" : "no"), groups [\(p.vfio.groups.joined(separator: ", "))], vfio-pci devices [\(p.vfio.devices.joined(separator: ", "))], DMA engine: \(p.vfio.dmaDevice ?? "none")")
         l.append("gup_test:      \(p.gupTest.available ? "yes" : "no") (\(p.gupTest.detail))")
         l.append("KSM:           \(p.ksm.available ? "yes" : "no") (\(p.ksm.detail))")
+        if let r = p.rdma {
+            l.append("RDMA:          \(r.port == nil ? "no" : "yes") (\(r.detail))\(r.forkStatus.map { "; rdma-core ibv_is_fork_initialized() = \($0)" } ?? "")")
+        }
         l.append("userfaultfd:   \(p.userfaultfd.available ? "yes" : "no") (\(p.userfaultfd.detail))")
         return l.joined(separator: "\n")
     }

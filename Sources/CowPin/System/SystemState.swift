@@ -1,5 +1,6 @@
 import CCowPin
 import Glibc
+import SystemPackage
 
 /// Everything cowpin changes outside its own process (sysfs knobs, hugetlb
 /// pools, ...) goes through here. Each change is written to a journal before
@@ -27,17 +28,21 @@ public final class SystemState: @unchecked Sendable {
     /// read-only (flock needs no write access), created (0644) if missing.
     /// Without O_CREAT first: in a sticky directory fs.protected_regular
     /// refuses O_CREAT of a file another user owns.
-    static func openLock() -> Int32 {
-        let path = lockPath
+    static func openLock() -> FileDescriptor? {
+        let path = FilePath(lockPath)
         mkdir(directory, 0o700)
-        for flags in [O_RDWR, O_RDONLY] {
-            let fd = open(path, flags | O_CLOEXEC)
-            if fd >= 0 { return fd }
-            if errno == ENOENT { break }
+        for mode in [FileDescriptor.AccessMode.readWrite, .readOnly] {
+            do {
+                return try FileDescriptor.open(path, mode, options: .closeOnExec)
+            } catch Errno.noSuchFileOrDirectory {
+                break
+            } catch {}
         }
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        if fd >= 0 { fchmod(fd, 0o644) }
-        return fd >= 0 ? fd : open(path, O_RDONLY | O_CLOEXEC)
+        if let fd = try? FileDescriptor.open(path, .readWrite, options: [.create, .closeOnExec], permissions: [.ownerReadWrite, .groupRead, .otherRead]) {
+            fchmod(fd.rawValue, 0o644)
+            return fd
+        }
+        return try? FileDescriptor.open(path, .readOnly, options: .closeOnExec)
     }
 
     /// One undoable change, as a journal line.
@@ -89,7 +94,7 @@ public final class SystemState: @unchecked Sendable {
     }
 
     private let state = Locked<[Change]>([])
-    private var lockFD: Int32 = -1
+    private var lockFD: FileDescriptor?
     private var exitHook = false
 
     /// Sets a sysfs/procfs value, journaling the old one first; undone when
@@ -169,10 +174,10 @@ public final class SystemState: @unchecked Sendable {
     /// must not be taken for the value to restore.
     @discardableResult
     private func takeLock() throws -> [String] {
-        guard lockFD < 0 else { return [] }
+        guard lockFD == nil else { return [] }
         lockFD = Self.openLock()
         var waitedUs = 0, pause = 1_000
-        while lockFD >= 0 && flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
+        while let fd = lockFD, flock(fd.rawValue, LOCK_EX | LOCK_NB) != 0 {
             if waitedUs >= 30_000_000 { throw CaseSkip("another cowpin run holds \(Self.lockPath) (it is changing system state)") }
             usleep(UInt32(pause))
             waitedUs += pause
@@ -183,8 +188,8 @@ public final class SystemState: @unchecked Sendable {
 
     /// Call with `state` held.
     private func releaseLock() {
-        if lockFD >= 0 { close(lockFD) }
-        lockFD = -1
+        try? lockFD?.close()
+        lockFD = nil
     }
 
     /// Holds the cross-process lock for the rest of the case, for a case that
@@ -210,13 +215,26 @@ public final class SystemState: @unchecked Sendable {
             return
         }
         mkdir(Self.directory, 0o700)
-        let fd = open(journalPath, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SyscallError("open(\(journalPath))", errno: errno) }
-        defer { close(fd) }
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(FilePath(journalPath), .writeOnly, options: [.create, .closeOnExec], permissions: .ownerReadWrite)
+        } catch {
+            throw SyscallError("open(\(journalPath))", error)
+        }
+        defer { try? fd.close() }
         let text = Array(changes.map { $0.line + "\n" }.joined().utf8)
-        let n = text.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
-        guard n == text.count else { throw SyscallError("write(\(journalPath))", errno: n < 0 ? errno : EIO) }
-        guard ftruncate(fd, off_t(text.count)) == 0 else { throw SyscallError("ftruncate(\(journalPath))", errno: errno) }
+        let n: Int
+        do {
+            n = try text.withUnsafeBytes { try fd.write(toAbsoluteOffset: 0, $0) }
+        } catch {
+            throw SyscallError("write(\(journalPath))", error)
+        }
+        guard n == text.count else { throw SyscallError("write(\(journalPath))", errno: EIO) }
+        do {
+            try fd.resize(to: Int64(text.count))
+        } catch {
+            throw SyscallError("ftruncate(\(journalPath))", error)
+        }
     }
 
     /// Undoes the changes of the case that ends (`caseOnly`), or all of them
@@ -309,7 +327,7 @@ public final class SystemState: @unchecked Sendable {
     @discardableResult
     public static func recoverStale() -> [String] {
         shared.state.with { _ in
-            if shared.lockFD >= 0 { return restoreJournalsOfTheDead() }
+            if shared.lockFD != nil { return restoreJournalsOfTheDead() }
             // Whoever holds the lock meanwhile restores them when it takes it.
             guard let restored = try? shared.takeLock() else { return [] }
             shared.releaseLock()
@@ -322,7 +340,7 @@ public final class SystemState: @unchecked Sendable {
     /// changes system state meanwhile, and what dead ones left is restored.
     public func withLock<T>(_ body: () throws -> T) throws -> T {
         let took = try state.with { _ -> Bool in
-            if lockFD >= 0 { return false }
+            if lockFD != nil { return false }
             try takeLock()
             return true
         }
@@ -357,98 +375,5 @@ public final class SystemState: @unchecked Sendable {
             unlink(path)
         }
         return restored
-    }
-}
-
-/// Cleanups that must run even when the run is interrupted: live children,
-/// FUSE mounts, system state. Run from the signal thread of `cowpin run`.
-public enum Emergency {
-    static let actions = Locked<[Int: (String, () -> Void)]>([:])
-    static let next = Locked(0)
-    /// The terminating signal the signal thread took, if any.
-    static let taken = Locked<Int32?>(nil)
-
-    /// Call when the run is done, before exiting with its status: a SIGINT,
-    /// SIGTERM or SIGHUP that arrived meanwhile (pending, or being handled
-    /// by the signal thread) wins, and the run exits 128+signal as promised.
-    /// Returns when no such signal came.
-    public static func exitIfSignalled() {
-        if taken.with({ $0 }) != nil { while true { pause() } }  // the signal thread exits
-        var pending = sigset_t()
-        sigemptyset(&pending)
-        guard sigpending(&pending) == 0 else { return }
-        for s in [SIGINT, SIGTERM, SIGHUP] where sigismember(&pending, s) == 1 {
-            // The signal thread takes it from here (sigwait), cleans up and exits 128+s.
-            while true { pause() }
-        }
-    }
-
-    /// Registers `body` (described by `what`); returns a token for `remove`.
-    public static func add(_ what: String, _ body: @escaping () -> Void) -> Int {
-        let id = next.with { n -> Int in
-            n += 1
-            return n
-        }
-        actions.with { $0[id] = (what, body) }
-        return id
-    }
-
-    public static func remove(_ id: Int) { _ = actions.with { $0.removeValue(forKey: id) } }
-
-    /// A supervisor's part, run first on SIGINT/SIGTERM/SIGHUP: it forwards
-    /// the signal to its worker and waits for it. `done` is what it cleaned up
-    /// itself; `quiet` when the worker printed its own report (then the
-    /// supervisor says something only when it had more to clean up).
-    static let forwarder = Locked<((Int32) -> (done: [String], quiet: Bool))?>(nil)
-
-    public static func onSignal(_ body: @escaping (Int32) -> (done: [String], quiet: Bool)) {
-        forwarder.with { $0 = body }
-    }
-
-    /// Runs every registered cleanup (newest first), then restores system state.
-    public static func runAll() -> [String] {
-        let list = actions.with { a -> [(String, () -> Void)] in
-            defer { a.removeAll() }
-            return a.sorted { $0.key > $1.key }.map(\.value)
-        }
-        var done: [String] = []
-        for (what, body) in list {
-            body()
-            done.append(what)
-        }
-        return done + SystemState.shared.restoreAndClose()
-    }
-
-    /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (call before any other
-    /// thread starts, so all inherit it) and handles them on a thread of
-    /// their own: clean up, report what was restored on stderr, exit 128+signal.
-    public static func installSignalHandling() throws {
-        var set = sigset_t()
-        sigemptyset(&set)
-        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
-        pthread_sigmask(SIG_BLOCK, &set, nil)
-        let blocked = set
-        do {
-          try startThread {
-            var s = blocked
-            var sig: Int32 = 0
-            while sigwait(&s, &sig) != 0 {}
-            taken.with { $0 = sig }
-            // The cleanup kills children: a write to one's pipe must not end
-            // the process by SIGPIPE before the cleanup is done.
-            signal(SIGPIPE, SIG_IGN)
-            let forwarded = forwarder.with { $0 }?(sig)
-            let done = (forwarded?.done ?? []) + runAll()
-            if forwarded?.quiet == true && done.isEmpty { _exit(128 + sig) }
-            var msg = "cowpin: interrupted by \(signalName(sig)); cleaned up: "
-            msg += done.isEmpty ? "nothing to restore" : done.joined(separator: "; ")
-            fputs(msg + "\n", stderr)
-            _exit(128 + sig)
-          }
-        } catch {
-            // No signal thread: leave the signals as they were.
-            pthread_sigmask(SIG_UNBLOCK, &set, nil)
-            throw error
-        }
     }
 }

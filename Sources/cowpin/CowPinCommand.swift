@@ -13,7 +13,8 @@ struct CowPinCommand: ParsableCommand {
         commandName: "cowpin",
         abstract: "Reproduce COW / GUP-pin decoherence on the running Linux kernel.",
         discussion: """
-            Exit status of `run`: 0 no decoherence, 1 decoherence found, 2 usage or harness error, \
+            Exit status of `run`: 0 no decoherence, 1 decoherence found, 3 the kernel reported a WARN, BUG, \
+            oops, lockup, stall or hung task during a case (kernel-warning), 2 usage or harness error, \
             4 every selected case skipped.
             """,
         version: Catalog.version,

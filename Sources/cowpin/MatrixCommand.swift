@@ -15,11 +15,12 @@ struct MatrixCommand: ParsableCommand {
             Each RESULT is LABEL=FILE (or FILE, labelled by its kernel release). Against upstream history \
             (data/expected-verdicts.json) a cell is expected, a REGRESSION (decoherent where history says fixed), \
             newly fixed (coherent where history says broken), unknown (history cannot decide on that release), \
-            skip, error or missing. With --baseline LABEL every column is judged against that run instead, \
+            skip, error, missing or kernel-warning (never expected). With --baseline LABEL every column is judged against that run instead, \
             no history needed: unchanged, NEWLY DECOHERENT, newly coherent. A pin taken or refused (policy) is \
             compared apart and never counts as decoherent. Exit status: 0; 1 with --check when a cell is \
-            a regression, newly fixed, newly decoherent or coherent, unknown or an error, when a case matched by \
-            --require-ran was not run, or (with --check-policy) when a policy differs; 2 for bad input.
+            a regression, newly fixed, newly decoherent or coherent, unknown, an error or a kernel warning, when a case \
+            matched by --require-ran was not run, when a kernel could not be tested (--untested), or (with \
+            --check-policy) when a policy differs; 2 for bad input.
             """)
 
     @Option(help: ArgumentHelp("The expected-verdict file (default: the data/expected-verdicts.json built into cowpin).", valueName: "path"))
@@ -49,11 +50,25 @@ struct MatrixCommand: ParsableCommand {
     @Option(name: .customLong("require-ran"), help: ArgumentHelp("With --check: cases matching this glob must have run (repeatable).", valueName: "glob"))
     var requireRan: [String] = []
 
+    @Option(help: ArgumentHelp("A kernel that could not be tested, and why (repeatable): the table says so, --check fails.",
+                               valueName: "label: reason"))
+    var untested: [String] = []
+
     @Argument(help: ArgumentHelp("Results: LABEL=FILE or FILE.", valueName: "result"))
-    var results: [String]
+    var results: [String] = []
 
     func validate() throws {
-        guard !results.isEmpty else { throw ValidationError("give at least one result file") }
+        guard !results.isEmpty || !untested.isEmpty else { throw ValidationError("give at least one result file") }
+        for u in untested where Self.untestedEntry(u) == nil {
+            throw ValidationError("--untested '\(u)': give 'LABEL: reason'")
+        }
+    }
+
+    static func untestedEntry(_ s: String) -> Matrix.Untested? {
+        let parts = s.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+        guard parts.count == 2 else { return nil }
+        let label = String(parts[0]), reason = String(parts[1].drop { $0 == " " })
+        return label.isEmpty || reason.isEmpty ? nil : Matrix.Untested(label: label, reason: reason)
     }
 
     func run() throws {
@@ -73,7 +88,7 @@ struct MatrixCommand: ParsableCommand {
             }
             runs.append((label.isEmpty ? doc.kernel.release : label, doc))
         }
-        let m: Matrix
+        var m: Matrix
         if let baseline {
             guard runs.contains(where: { $0.label == baseline }) else {
                 throw ValidationError("--baseline \(baseline) names none of the results (\(runs.map(\.label).joined(separator: ", ")))")
@@ -84,6 +99,7 @@ struct MatrixCommand: ParsableCommand {
             do { history = try ExpectedVerdicts.load(path: expected) } catch { throw ValidationError("\(error)") }
             m = Matrix(expected: history, runs: runs)
         }
+        m.add(untested: untested.compactMap(Self.untestedEntry))
         if let markdown { try write(m.markdown + "\n", to: markdown) } else { print(m.markdown) }
         if let json { try write(JSONReporter.encode(m) + "\n", to: json) }
         if let svg { try write(m.svg + "\n", to: svg) }
@@ -110,6 +126,7 @@ struct MatrixCommand: ParsableCommand {
                 }
             }
         }
+        for u in m.untested ?? [] { failures.append("\(u.label) could not be tested: \(u.reason)") }
         for f in failures { fputs("matrix: \(f)\n", stderr) }
         if !failures.isEmpty { throw ExitCode(1) }
     }

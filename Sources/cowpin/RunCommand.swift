@@ -30,7 +30,7 @@ struct Run: ParsableCommand {
     @Flag(name: .customLong("dry-run"), help: "Check the arguments and the selection, print the selected case ids and how many case runs it would make, run nothing (exit 0, or 2).")
     var dryRun = false
 
-    @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent, 125 not testable (skip, error).", valueName: "case"),
+    @Option(help: ArgumentHelp("Run only this case and exit for `git bisect run`: 0 coherent, 1 decoherent or the kernel warned during it, 125 not testable (skip, error).", valueName: "case"),
             completion: Completions.caseIDs)
     var bisect: String?
 
@@ -104,7 +104,8 @@ struct Run: ParsableCommand {
         // A SIGTERM that came after the last result still means 128+signal.
         Emergency.exitIfSignalled()
         if bisect != nil {
-            throw ExitCode(totals.decoherent > 0 || totals.xfail > 0 ? 1 : totals.coherent + totals.xpass > 0 ? 0 : 125)
+            // The kernel warning during the case is a kernel bug the case met: bad.
+            throw ExitCode(totals.decoherent > 0 || totals.xfail > 0 || totals.kernelWarning > 0 ? 1 : totals.coherent + totals.xpass > 0 ? 0 : 125)
         }
         throw ExitCode(totals.exitCode)
     }
@@ -145,7 +146,8 @@ struct Worker: ParsableCommand {
         let fault: FaultInjection?
         do { fault = try FaultInjection.fromEnvironment() } catch { throw ValidationError("\(error)") }
         if let fault {
-            options.beforeScenario = { c in if c.id == fault.caseID { fault.trigger() } }
+            let timeoutMs = options.timeoutMs
+            options.beforeScenario = { c in if c.id == fault.caseID { fault.inject(timeoutMs: timeoutMs) } }
         }
         try Runner(options: options).serve(selected, reporter: channel, commands: 0)
     }

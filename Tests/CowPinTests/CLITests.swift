@@ -223,6 +223,16 @@ struct CLITests {
         #expect(doc.results.allSatisfy { $0.id.hasPrefix("cow/fork-parent-writes/") })
         let m = Matrix(expected: try MatrixTests.history, runs: [("cut", doc)])
         #expect(m.rows.count == doc.results.count)
+        // vm-matrix's view of a kernel that died: its column holds what arrived, the
+        // table says why it stops short, a kernel with no result is listed, --check fails.
+        let o = try Self.cowpin("matrix", "--expected", "data/expected-verdicts.json", "--check",
+                                "--untested", "cut: exit 125: vm-run: soft lockup", "--untested", "gone: exit 125: the guest never reached the test",
+                                "cut=\(file)")
+        #expect(o.status == 1, "\(o.stdout)\n\(o.stderr)")
+        #expect(o.stdout.contains("  - **not tested to the end**: exit 125: vm-run: soft lockup (the column holds the \(doc.results.count) case(s) that finished)"),
+                "\(o.stdout)")
+        #expect(o.stdout.contains("Kernels that could not be tested (no column):\n- **gone**: exit 125: the guest never reached the test"), "\(o.stdout)")
+        #expect(o.stderr.contains("matrix: gone could not be tested: exit 125: the guest never reached the test"), "\(o.stderr)")
     }
 
     /// tap.py (Debian python3-tap), a generic TAP consumer: scripts/setup

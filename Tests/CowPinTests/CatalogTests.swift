@@ -11,6 +11,8 @@ import Testing
 ///   known issue citing the missing fix, with the evidence in the output;
 ///   decoherent where history says fixed (a regression) fails with the evidence;
 /// - skip is reported as skipped with the reason; error fails as a harness error;
+/// - a case during which the kernel reported a WARN, BUG, oops, lockup...
+///   (its log, `/dev/kmsg`, when readable) fails with the kernel's report;
 /// - a pin taken or refused against upstream's policy rule is a warning (a
 ///   policy fact, stable kernels change it by backport), never a failure of
 ///   coherence.
@@ -66,6 +68,8 @@ struct CatalogTests {
             Issue.record(Comment(rawValue: "SKIP \(id): \(reason)"), severity: .warning)
         case (.error(let message), _):
             Issue.record("harness error in \(id): \(message)")
+        case (.kernelWarning(let message, _), _):
+            Issue.record(Comment(rawValue: "KERNEL WARNING in \(id): \(message)\n" + (r.kernel?.text ?? []).joined(separator: "\n")))
         }
         if let p = r.policy, let (rule, because) = history.expectedPolicy(id, release: release), rule != p.allowance {
             Issue.record(Comment(rawValue: "POLICY \(id): \(p) on \(release), upstream's rule says \(rule) (\(because))"), severity: .warning)

@@ -116,7 +116,7 @@ struct SupervisorTests {
     func badInjection() throws {
         let o = try Self.run(injecting: "nonsense", ["run", "--filter", Self.ids[0]])
         #expect(o.status == 2)
-        #expect(o.stderr.contains("COWPIN_INJECT_FAULT must be <case-id>:<sigbus|sigsegv|sigkill>"))
+        #expect(o.stderr.contains("COWPIN_INJECT_FAULT must be <case-id>:<sigbus|sigsegv|sigkill|hang|lkdtm=TYPE>"))
     }
 
     @Test("--in-process runs the cases without a worker, with the same output")

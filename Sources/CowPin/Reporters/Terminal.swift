@@ -38,6 +38,9 @@ public final class TerminalProgress: Reporter {
         case .error(let m):
             failures += 1
             recap.append("error       \(r.id): \(m.replacingNewlines())")
+        case .kernelWarning(let m, _):
+            failures += 1
+            recap.append("kernel      \(r.id): \(m.replacingNewlines())")
         case .xpass(let reason, _):
             recap.append("xpass       \(r.id): coherent although documented unfixed (\(reason))")
         default: break
@@ -53,7 +56,7 @@ public final class TerminalProgress: Reporter {
     public func end(_ totals: Totals) {
         write("\r\u{1B}[K")
         inner.end(totals)
-        var lines = ["cowpin: \(totals.total) case run(s) in \(formatSeconds(monotonicNs() - start)): \(totals.coherent) coherent, \(totals.decoherent) decoherent, \(totals.xfail) xfail, \(totals.xpass) xpass, \(totals.skip) skipped, \(totals.error) error(s)"]
+        var lines = ["cowpin: \(totals.total) case run(s) in \(formatSeconds(monotonicNs() - start)): \(totals.coherent) coherent, \(totals.decoherent) decoherent, \(totals.xfail) xfail, \(totals.xpass) xpass, \(totals.skip) skipped, \(totals.error) error(s)" + (totals.kernelWarning > 0 ? ", \(totals.kernelWarning) kernel warning(s)" : "")]
         if !recap.isEmpty {
             lines.append("needs a look:")
             lines += recap.map { "  " + $0 }

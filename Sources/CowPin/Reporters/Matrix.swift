@@ -29,6 +29,9 @@ public struct Matrix: Codable, Sendable {
         /// Baseline mode: coherent here, decoherent on the baseline.
         case newlyCoherent = "newly-coherent"
         case skip, error, missing
+        /// The kernel reported a WARN, BUG, oops, lockup... during the case:
+        /// never what history expects, whatever the data showed.
+        case kernelWarning = "kernel-warning"
     }
 
     public enum PolicyMark: String, Codable, Sendable {
@@ -70,12 +73,39 @@ public struct Matrix: Codable, Sendable {
     public struct Column: Codable, Sendable {
         public var label: String
         public var release: String
+        /// False when the run stopped before its end: the column holds the cases that finished.
+        public var complete: Bool?
+        /// Why the kernel could not be tested (to the end), when it could not.
+        public var untested: String?
+    }
+
+    /// A kernel that could not be tested, and why (vm-run's last word: a
+    /// boot that failed, a crash, a lockup, a timeout).
+    public struct Untested: Codable, Sendable, Equatable {
+        public var label: String
+        public var reason: String
+        public init(label: String, reason: String) {
+            self.label = label
+            self.reason = reason
+        }
     }
 
     public var columns: [Column]
     public var rows: [Row]
     /// The label of the baseline column, in baseline mode.
     public var baseline: String?
+    /// Kernels that could not be tested, with or without a column of what finished.
+    public var untested: [Untested]?
+
+    /// Records the kernels that could not be tested: a column of the same
+    /// label says why it stops short.
+    public mutating func add(untested list: [Untested]) {
+        guard !list.isEmpty else { return }
+        untested = (untested ?? []) + list
+        for u in list {
+            for i in columns.indices where columns[i].label == u.label { columns[i].untested = u.reason }
+        }
+    }
 
     public typealias Run = (label: String, doc: JSONReporter.Document)
 
@@ -98,7 +128,7 @@ public struct Matrix: Codable, Sendable {
 
     /// Judged against upstream history.
     public init(expected history: ExpectedVerdicts, runs: [Run]) {
-        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release, complete: $0.doc.complete) }
         let results = Self.byID(runs)
         rows = Self.ids(runs).map { id in
             let cells = runs.indices.map { i -> Cell in
@@ -127,7 +157,7 @@ public struct Matrix: Codable, Sendable {
 
     /// Judged against the column labelled `baseline` (which must be one of the runs).
     public init(baseline: String, runs: [Run]) {
-        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release) }
+        columns = runs.map { Column(label: $0.label, release: $0.doc.kernel.release, complete: $0.doc.complete) }
         self.baseline = baseline
         let results = Self.byID(runs)
         let base = runs.firstIndex { $0.label == baseline }.map { results[$0] } ?? [:]
@@ -149,6 +179,7 @@ public struct Matrix: Codable, Sendable {
         switch got {
         case .skip: return .skip
         case .error: return .error
+        case .kernelWarning: return .kernelWarning
         default: break
         }
         guard case .verdict(let w, _)? = want else { return .unknown }
@@ -162,9 +193,10 @@ public struct Matrix: Codable, Sendable {
         switch got {
         case .skip: return .skip
         case .error: return .error
+        case .kernelWarning: return .kernelWarning
         default: break
         }
-        guard let b = baseline, ![.skip, .error].contains(b) else { return .unknown }
+        guard let b = baseline, ![.skip, .error, .kernelWarning].contains(b) else { return .unknown }
         let broken: (Verdict.Kind) -> Bool = { $0 == .decoherent || $0 == .xfail }
         if broken(got) == broken(b) { return .unchanged }
         return broken(got) ? .newlyDecoherent : .newlyCoherent
@@ -174,7 +206,7 @@ public struct Matrix: Codable, Sendable {
     public func policyDifferences(column: Int) -> Int { rows.filter { $0.cells[column].policyMark == .differs }.count }
 
     /// The marks a `--check` fails on.
-    public static let failing: Set<Mark> = [.regression, .newlyFixed, .unknown, .newlyDecoherent, .newlyCoherent, .error]
+    public static let failing: Set<Mark> = [.regression, .newlyFixed, .unknown, .newlyDecoherent, .newlyCoherent, .error, .kernelWarning]
 
     public var markdown: String {
         var l: [String] = []
@@ -191,6 +223,7 @@ public struct Matrix: Codable, Sendable {
                 case .newlyDecoherent: v = "**\(v): NEWLY DECOHERENT**"
                 case .newlyCoherent: v = "**\(v): newly coherent**"
                 case .unknown: v = "\(v) (unknown: \(c.because ?? "no baseline verdict"))"
+                case .kernelWarning: v = "**KERNEL WARNING**: \(c.reason.map { $0.replacingNewlines() } ?? "")"
                 }
                 if let p = c.policy {
                     v += c.policyMark == .differs ? "; pin **\(p), rule says \(c.policyExpected ?? "?")**" : "; pin \(p)"
@@ -201,11 +234,21 @@ public struct Matrix: Codable, Sendable {
         }
         l.append("")
         let marks: [Mark] = baseline == nil
-            ? [.expected, .regression, .newlyFixed, .unknown, .skip, .error, .missing]
-            : [.unchanged, .newlyDecoherent, .newlyCoherent, .unknown, .skip, .error, .missing]
+            ? [.expected, .regression, .newlyFixed, .unknown, .skip, .error, .missing, .kernelWarning]
+            : [.unchanged, .newlyDecoherent, .newlyCoherent, .unknown, .skip, .error, .missing, .kernelWarning]
         for (i, c) in columns.enumerated() {
             let counts = marks.map { "\($0.rawValue) \(count($0, column: i))" } + ["policy differs \(policyDifferences(column: i))"]
             l.append("- \(c.label) (\(c.release)): \(counts.joined(separator: ", "))")
+            if c.complete == false || c.untested != nil {
+                let held = rows.filter { $0.cells[i].mark != .missing }.count
+                l.append("  - **not tested to the end**: \(c.untested ?? "the run stopped before its end") (the column holds the \(held) case(s) that finished)")
+            }
+        }
+        let columnless = (untested ?? []).filter { u in !columns.contains { $0.label == u.label } }
+        if !columnless.isEmpty {
+            l.append("")
+            l.append("Kernels that could not be tested (no column):")
+            for u in columnless { l.append("- **\(u.label)**: \(u.reason)") }
         }
         return l.joined(separator: "\n")
     }
@@ -252,7 +295,7 @@ extension Matrix {
     public var summary: String {
         let classes = BackingClass.allCases
         let letters: [(Mark, String)] = [(.regression, "R"), (.newlyFixed, "F"), (.newlyDecoherent, "N"), (.newlyCoherent, "C"),
-                                         (.unknown, "U"), (.error, "E")]
+                                         (.unknown, "U"), (.error, "E"), (.kernelWarning, "K")]
         let width = max(14, (families.map(\.count).max() ?? 0) + 1)
         func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
         var out: [String] = []
@@ -281,7 +324,7 @@ extension Matrix {
             }
             out.append("")
         }
-        out.append("Each cell: cases as \(baseline == nil ? "history expects" : "on the baseline") (of them d decoherent or xfail); R regression, F newly fixed, N newly decoherent, C newly coherent, U unknown, E error; - nothing ran.")
+        out.append("Each cell: cases as \(baseline == nil ? "history expects" : "on the baseline") (of them d decoherent or xfail); R regression, F newly fixed, N newly decoherent, C newly coherent, U unknown, E error, K kernel warning; - nothing ran.")
         return out.joined(separator: "\n")
     }
 }
@@ -306,6 +349,7 @@ extension Matrix {
         }
         // Colour per judgment, most attention first.
         let palette: [(String, String, (Cell) -> Bool)] = [
+            ("kernel warning", "#7f0000", { $0.mark == .kernelWarning }),
             ("regression / newly decoherent", "#d73027", { $0.mark == .regression || $0.mark == .newlyDecoherent }),
             ("error", "#4d4d4d", { $0.mark == .error }),
             ("newly fixed / newly coherent", "#4575b4", { $0.mark == .newlyFixed || $0.mark == .newlyCoherent }),
@@ -335,7 +379,7 @@ extension Matrix {
                     let label = judged == 0 ? "-" : flagged > 0 ? "\(flagged)/\(judged)" : "\(judged)"
                     let x = labelW + c * cellW
                     o.append("<rect x=\"\(x + 1)\" y=\"\(y + 1)\" width=\"\(cellW - 2)\" height=\"\(cellH - 2)\" fill=\"\(colour)\" stroke=\"#ffffff\"/>")
-                    o.append("<text x=\"\(x + cellW / 2)\" y=\"\(y + 15)\" text-anchor=\"middle\" fill=\"\(colour == "#4d4d4d" || colour == "#d73027" || colour == "#4575b4" ? "white" : "black")\">\(label)</text>")
+                    o.append("<text x=\"\(x + cellW / 2)\" y=\"\(y + 15)\" text-anchor=\"middle\" fill=\"\(colour == "#4d4d4d" || colour == "#d73027" || colour == "#7f0000" || colour == "#4575b4" ? "white" : "black")\">\(label)</text>")
                 }
             }
         }

@@ -11,6 +11,8 @@ import Foundation
 public struct WorkerMessage: Codable {
     public var probe: Probe?
     public var started: Int?
+    /// With `started`: the sequence number of the case's first kernel log record.
+    public var kmsg: UInt64?
     public var result: WorkerResult?
     /// The worker cannot go on (it could not start: EMFILE, EAGAIN...), and why.
     public var fatal: String?
@@ -36,6 +38,7 @@ public struct WorkerResult: Codable, Equatable {
     public var phases: Phases?
     public var notes: [String]?
     public var policy: PolicyObservation?
+    public var kernel: CaseKernelLog?
 
     init(number: Int, id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, reference: String?, evidence: Evidence?,
          durationNs: UInt64, phases: Phases?, notes: [String]?) {
@@ -55,6 +58,7 @@ public struct WorkerResult: Codable, Equatable {
         self.number = number
         notes = r.notes.isEmpty ? nil : r.notes
         policy = r.policy
+        kernel = r.kernel
         id = r.id
         iteration = r.iteration
         verdict = r.verdict.kind
@@ -62,7 +66,7 @@ public struct WorkerResult: Codable, Equatable {
         durationNs = r.durationNs
         phases = r.phases
         switch r.verdict {
-        case .skip(let m), .error(let m): reason = m
+        case .skip(let m), .error(let m), .kernelWarning(let m, _): reason = m
         case .xfail(let m, let ref, _), .xpass(let m, let ref):
             reason = m
             reference = ref
@@ -79,8 +83,10 @@ public struct WorkerResult: Codable, Equatable {
         case .xfail: v = .xfail(reason: reason ?? "", reference: reference ?? "", evidence: evidence ?? Evidence())
         case .xpass: v = .xpass(reason: reason ?? "", reference: reference ?? "")
         case .error: v = .error(reason ?? "")
+        case .kernelWarning: v = .kernelWarning(reason: reason ?? "", evidence: evidence)
         }
-        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases, notes: notes ?? [], policy: policy)
+        return CaseResult(id: id, iteration: iteration, verdict: v, durationNs: durationNs, phases: phases, notes: notes ?? [], policy: policy,
+                          kernel: kernel)
     }
 }
 
@@ -94,7 +100,9 @@ public protocol WorkerCodec {
 /// The worker pipe's codec. JSON, with a fast path for the two most common
 /// messages, written and read without JSONEncoder/JSONDecoder (which would cost
 /// the worker ~50 us a message): a case's start as `{"started":N}` (half the
-/// lines), and a result without evidence, notes or policy (most of the others)
+/// lines; with the sequence number of its first kernel log record,
+/// `{"started":N,"kmsg":S}`), and a result without evidence, notes, policy or
+/// kernel log (most of the others)
 /// as tab-separated fields.
 public final class WireCodec: WorkerCodec {
     private let encoder = JSONEncoder()
@@ -105,7 +113,7 @@ public final class WireCodec: WorkerCodec {
 
     public func encode(_ m: WorkerMessage) -> [UInt8] {
         if m.probe == nil && m.result == nil && m.fatal == nil, let n = m.started {
-            return Array("{\"started\":\(n)}".utf8)
+            return Array((m.kmsg.map { "{\"started\":\(n),\"kmsg\":\($0)}" } ?? "{\"started\":\(n)}").utf8)
         }
         if m.probe == nil && m.started == nil && m.fatal == nil, let r = m.result, let line = Self.plainLine(r) {
             return Array(line.utf8)
@@ -114,9 +122,15 @@ public final class WireCodec: WorkerCodec {
     }
 
     public func decode(_ line: ArraySlice<UInt8>) -> WorkerMessage? {
-        if line.starts(with: Self.startedPrefix), line.last == UInt8(ascii: "}"),
-           let n = Int(String(decoding: line.dropFirst(Self.startedPrefix.count).dropLast(), as: UTF8.self)) {
-            return WorkerMessage(started: n)
+        if line.starts(with: Self.startedPrefix), line.last == UInt8(ascii: "}") {
+            // {"started":N} or {"started":N,"kmsg":S}
+            let parts = String(decoding: line.dropFirst(Self.startedPrefix.count).dropLast(), as: UTF8.self).split(separator: ",")
+            if parts.count == 1, let n = Int(parts[0]) { return WorkerMessage(started: n) }
+            if parts.count == 2, let n = Int(parts[0]), parts[1].hasPrefix("\"kmsg\":"), let seq = UInt64(parts[1].dropFirst(7)) {
+                var m = WorkerMessage(started: n)
+                m.kmsg = seq
+                return m
+            }
         }
         if let r = Self.plainResult(line) { return WorkerMessage(result: r) }
         return try? decoder.decode(WorkerMessage.self, from: Data(line))
@@ -124,7 +138,7 @@ public final class WireCodec: WorkerCodec {
 
     /// A result as one tab-separated line; nil when it has evidence, notes or a policy (JSON carries those).
     static func plainLine(_ w: WorkerResult) -> String? {
-        guard w.evidence == nil && w.notes == nil && w.policy == nil else { return nil }
+        guard w.evidence == nil && w.notes == nil && w.policy == nil && w.kernel == nil else { return nil }
         let phases = w.phases.map { "\($0.memoryNs),\($0.scenarioNs),\($0.cleanupNs)" } ?? ""
         return ["R", String(w.number), String(w.iteration), w.verdict.rawValue, String(w.durationNs), phases,
                 escaped(w.id), w.reason.map(escaped) ?? "", w.reference.map(escaped) ?? ""].joined(separator: "\t")

@@ -32,7 +32,15 @@ public final class WorkerChannel: Reporter {
     /// Tells the supervisor why this worker cannot go on, before it exits.
     public func fatal(_ why: String) { send(WorkerMessage(fatal: why)) }
 
-    public func started(_ c: Case, iteration: Int, number: Int) { send(WorkerMessage(started: number)) }
+    public func started(_ c: Case, iteration: Int, number: Int) { started(number: number, kernelSeq: nil) }
+
+    /// A case run starts; its kernel log records start at `kernelSeq` (when
+    /// the worker reads the log): the supervisor reads them when the worker dies in it.
+    public func started(number: Int, kernelSeq: UInt64?) {
+        var m = WorkerMessage(started: number)
+        m.kmsg = kernelSeq
+        send(m)
+    }
 
     public func finished(_ r: CaseResult, number: Int) { send(WorkerMessage(result: WorkerResult(r, number: number))) }
 

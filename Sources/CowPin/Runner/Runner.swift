@@ -7,10 +7,13 @@ public struct RunOptions: Sendable {
     /// Called once a case's memory is ready (its knobs are set), before its
     /// scenario runs: the worker's fault injection (`COWPIN_INJECT_FAULT`).
     public var beforeScenario: (@Sendable (Case) -> Void)?
-    public init(timeoutMs: Int32 = 10_000, repeatCount: Int = 1, beforeScenario: (@Sendable (Case) -> Void)? = nil) {
+    /// Read the kernel's log around every case (when `/dev/kmsg` is readable).
+    public var kernelLog: Bool
+    public init(timeoutMs: Int32 = 10_000, repeatCount: Int = 1, beforeScenario: (@Sendable (Case) -> Void)? = nil, kernelLog: Bool = true) {
         self.timeoutMs = timeoutMs
         self.repeatCount = repeatCount
         self.beforeScenario = beforeScenario
+        self.kernelLog = kernelLog
     }
 }
 
@@ -28,10 +31,13 @@ public struct CaseResult: Sendable, Equatable {
     public var notes: [String]
     /// A policy fact the case observed (a pin taken or refused).
     public var policy: PolicyObservation?
+    /// What the kernel said while the case ran (its own messages), when any.
+    public var kernel: CaseKernelLog?
 
     public init(id: String, iteration: Int = 1, verdict: Verdict, durationNs: UInt64 = 0, phases: Phases? = nil, notes: [String] = [],
-                policy: PolicyObservation? = nil) {
+                policy: PolicyObservation? = nil, kernel: CaseKernelLog? = nil) {
         self.policy = policy
+        self.kernel = kernel
         self.id = id
         self.iteration = iteration
         self.verdict = verdict
@@ -56,9 +62,23 @@ public struct Phases: Codable, Sendable, Equatable {
 }
 
 public struct Totals: Codable, Sendable, Equatable {
-    public var coherent = 0, decoherent = 0, skip = 0, xfail = 0, xpass = 0, error = 0
+    public var coherent = 0, decoherent = 0, skip = 0, xfail = 0, xpass = 0, error = 0, kernelWarning = 0
     public init() {}
-    public var total: Int { coherent + decoherent + skip + xfail + xpass + error }
+    public var total: Int { coherent + decoherent + skip + xfail + xpass + error + kernelWarning }
+
+    enum CodingKeys: String, CodingKey { case coherent, decoherent, skip, xfail, xpass, error, kernelWarning }
+
+    /// Results written before `kernelWarning` existed have none.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        coherent = try c.decode(Int.self, forKey: .coherent)
+        decoherent = try c.decode(Int.self, forKey: .decoherent)
+        skip = try c.decode(Int.self, forKey: .skip)
+        xfail = try c.decode(Int.self, forKey: .xfail)
+        xpass = try c.decode(Int.self, forKey: .xpass)
+        error = try c.decode(Int.self, forKey: .error)
+        kernelWarning = try c.decodeIfPresent(Int.self, forKey: .kernelWarning) ?? 0
+    }
 
     public mutating func add(_ k: Verdict.Kind) {
         switch k {
@@ -68,12 +88,15 @@ public struct Totals: Codable, Sendable, Equatable {
         case .xfail: xfail += 1
         case .xpass: xpass += 1
         case .error: error += 1
+        case .kernelWarning: kernelWarning += 1
         }
     }
 
-    /// 1 decoherence found, else 2 harness error, else 4 all skipped, else 0.
+    /// 1 decoherence found, else 3 the kernel warned during a case, else 2
+    /// harness error, else 4 all skipped, else 0.
     public var exitCode: Int32 {
         if decoherent > 0 { return 1 }
+        if kernelWarning > 0 { return 3 }
         if error > 0 { return 2 }
         if total > 0 && skip == total { return 4 }
         return 0
@@ -110,15 +133,39 @@ public final class Runner {
         try lock.with { _ in try body() }
     }
 
-    /// Runs one case; never throws: every failure becomes a verdict.
-    public func run(_ c: Case, iteration: Int = 1) -> CaseResult {
+    /// Runs one case; never throws: every failure becomes a verdict. The
+    /// kernel's messages from the start of the case to its end (see
+    /// `openKernelWindow`) are the result's `kernel` log; a report among them
+    /// makes the verdict `kernel-warning`.
+    public func run(_ c: Case, iteration: Int = 1, windowOpen: Bool = false) -> CaseResult {
         let start = monotonicNs()
         var phases = Phases()
         var notes: [String] = []
         var policy: PolicyObservation?
-        let verdict = Runner.exclusively { verdictOf(c, phases: &phases, notes: &notes, policy: &policy) }
+        let (verdict, kernel) = Runner.exclusively { () -> (Verdict, CaseKernelLog?) in
+            let reader = options.kernelLog ? KernelLogReader.shared : nil
+            if !windowOpen { openKernelWindow() }
+            let v = verdictOf(c, phases: &phases, notes: &notes, policy: &policy)
+            guard let (records, lost) = reader?.drain() else { return (v, nil) }
+            let log = CaseKernelLog(records, lost: lost)
+            return (v.withKernelReports(log.reports), log.isEmpty ? nil : log)
+        }
         return CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - start, phases: phases,
-                          notes: verdict.evidence == nil ? notes : [], policy: policy)
+                          notes: verdict.evidence == nil ? notes : [], policy: policy, kernel: kernel)
+    }
+
+    /// Starts a case's kernel-log window: what the kernel said since the last
+    /// case is read and left out (a report there, which no case ran under,
+    /// goes to standard error). Returns the sequence number the case's
+    /// records start at, when the log is readable.
+    @discardableResult
+    public func openKernelWindow() -> UInt64? {
+        guard options.kernelLog, let reader = KernelLogReader.shared else { return nil }
+        let (records, _) = reader.drain()
+        for r in KernelReport.find(in: records.filter(\.fromKernel)) {
+            fputs("cowpin: the kernel reported \(r.kind) between cases: \(r.headline)\n", stderr)
+        }
+        return reader.lastSeq.map { $0 + 1 } ?? 0
     }
 
     /// The verdict of one case (not serialized; `run` is).
@@ -180,7 +227,9 @@ public final class Runner {
         for iteration in 1...max(1, options.repeatCount) {
             for c in cases {
                 number += 1
+                Progress.shared?.note("start \(number) \(c.id)")
                 let r = run(c, iteration: iteration)
+                Progress.shared?.note("end \(number) \(c.id) \(r.verdict.kind.rawValue)")
                 totals.add(r.verdict.kind)
                 reporter.finished(r, number: number)
             }
@@ -215,8 +264,16 @@ public final class Runner {
             }
             SystemState.shared.besideOthers = f[1] == "beside"
             let (c, iteration) = cases.caseRun(number)
-            reporter.started(c, iteration: iteration, number: number)
-            reporter.finished(run(c, iteration: iteration), number: number)
+            let firstSeq = Runner.exclusively { openKernelWindow() }
+            if let channel = reporter as? WorkerChannel {
+                channel.started(number: number, kernelSeq: firstSeq)
+            } else {
+                reporter.started(c, iteration: iteration, number: number)
+            }
+            Progress.shared?.note("start \(number) \(c.id)")
+            let r = run(c, iteration: iteration, windowOpen: true)
+            Progress.shared?.note("end \(number) \(c.id) \(r.verdict.kind.rawValue)")
+            reporter.finished(r, number: number)
         }
         end()
     }

@@ -21,18 +21,8 @@ public struct Backing: Sendable {
         self.make = make
     }
 
-    /// The backings every scenario of the foundation runs on.
-    public static let standard: [Backing] = [.anonPage, .thpPMD, .thpPTE]
-
     /// mTHP sizes cowpin knows (x86-64: 16 KiB to 1 MiB); a kernel without one skips it.
     public static let mthpSizesKB = [16, 32, 64, 128, 256, 512, 1024]
-
-    /// Anonymous memory of every kind cowpin knows: the standard backings, an
-    /// mTHP of every size, each of those swapped out, and hugetlb.
-    public static let withMTHP: [Backing] = {
-        let anon = standard + mthpSizesKB.map(mthp)
-        return anon + anon.map { $0.swappedOut() } + [hugetlb(2048), hugetlb(1_048_576)]
-    }()
 
     /// This backing, then MADV_PAGEOUT: the case starts with the memory in swap
     /// (a swap device is made when none is active; journaled, removed after).

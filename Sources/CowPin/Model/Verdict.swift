@@ -12,6 +12,11 @@ public enum Verdict: Equatable, Sendable {
     case xpass(reason: String, reference: String)
     /// The harness failed; says nothing about the kernel.
     case error(String)
+    /// The kernel reported a WARN, BUG, oops, bad page, lockup, stall, hung
+    /// task or sanitizer report while the case ran, whatever its data check
+    /// said (the reason says that, the evidence is the check's when bytes
+    /// differed). The reports are the result's `kernel` log.
+    case kernelWarning(reason: String, evidence: Evidence?)
 
     public var kind: Kind {
         switch self {
@@ -21,16 +26,19 @@ public enum Verdict: Equatable, Sendable {
         case .xfail: return .xfail
         case .xpass: return .xpass
         case .error: return .error
+        case .kernelWarning: return .kernelWarning
         }
     }
 
     public enum Kind: String, Codable, CaseIterable, Sendable {
         case coherent, decoherent, skip, xfail, xpass, error
+        case kernelWarning = "kernel-warning"
     }
 
     public var evidence: Evidence? {
         switch self {
         case .decoherent(let e), .xfail(_, _, let e): return e
+        case .kernelWarning(_, let e): return e
         default: return nil
         }
     }
@@ -40,9 +48,27 @@ public enum Verdict: Equatable, Sendable {
         switch self {
         case .skip(let r): return r
         case .xfail(let r, let ref, _), .xpass(let r, let ref): return "\(r) [\(ref)]"
-        case .error(let m): return m
+        case .error(let m), .kernelWarning(let m, _): return m
         case .coherent, .decoherent: return nil
         }
+    }
+}
+
+extension Verdict {
+    /// The verdict of a case during which the kernel reported `reports`:
+    /// `kernel-warning`, naming the first report and what the data check said.
+    public func withKernelReports(_ reports: [KernelReport]) -> Verdict {
+        guard let first = reports.first else { return self }
+        if case .kernelWarning = self { return self }
+        let more = reports.count > 1 ? " (and \(reports.count - 1) more report(s))" : ""
+        let data: String
+        switch self {
+        case .coherent: data = "coherent"
+        case .decoherent: data = "decoherent"
+        default: data = "\(kind.rawValue): \(reason ?? "")"
+        }
+        return .kernelWarning(reason: "the kernel reported \(first.kind) during this case: \(first.headline)\(more); data check: \(data)",
+                              evidence: evidence)
     }
 }
 

@@ -4,16 +4,6 @@ import Glibc
 public enum Catalog {
     public static let version = "0.1.0"
 
-    /// The long-term pin methods; each runs every long-term pin event that fits it.
-    public static let pins: [PinMethod] = [
-        IoUringFixedPin(), ODirectWritePin(), GupTestPin(fast: false), GupTestPin(fast: true),
-        VFIOPin(writable: false), VFIOPin(writable: true), RDMAPin(writable: false), RDMAPin(writable: true),
-    ]
-
-    public static let scenarios: [Scenario] =
-        PlainCOWCases.scenarios + VmspliceCases.scenarios + pins.flatMap(LongTermPinCases.scenarios(for:))
-            + ODirectCases.scenarios + FileCOWCases.scenarios + FilePinningCases.scenarios
-
     public static let all: [Case] = scenarios.flatMap { s in s.backings.map { Case(scenario: s, backing: $0) } }
 
     public static func find(_ id: String) -> Case? { all.first { $0.id == id } }

@@ -16,8 +16,9 @@ final class Scheduler {
         var pending: [UInt8] = []
         /// The case runs sent to it and not finished, in the order it runs them.
         var assigned: [Int] = []
-        /// The case run it said it started, and when.
-        var running: (number: Int, since: UInt64)?
+        /// The case run it said it started, when, and the sequence number of
+        /// the first kernel log record of the case (when the worker reads the log).
+        var running: (number: Int, since: UInt64, kernelSeq: UInt64?)?
         var startedAny = false
         /// Why it gave up, when it said so before exiting (it could not start).
         var fatal: String?
@@ -50,6 +51,8 @@ final class Scheduler {
     private var givenUp: String?
     /// The case runs of the phase not sent to a worker yet.
     private var queue: ArraySlice<Int> = []
+    /// Case runs that ran at the same time as each case run (`--jobs` > 1).
+    private var overlaps: [Int: Set<Int>] = [:]
 
     init(_ supervisor: Supervisor, reporter: Reporter) {
         self.supervisor = supervisor
@@ -147,16 +150,38 @@ final class Scheduler {
         reporter.finished(r, number: number)
     }
 
+    /// The kernel log of a case run, naming the case runs that ran at the same
+    /// time: kernel messages cannot say which of them the kernel was in, so
+    /// each of them has them.
+    private func concurrent(_ log: CaseKernelLog?, number: Int) -> CaseKernelLog? {
+        let others = overlaps.removeValue(forKey: number) ?? []
+        guard var log, !others.isEmpty else { return log }
+        log.concurrent = others.sorted().map { n in
+            let (c, iteration) = supervisor.caseRun(n)
+            return supervisor.options.repeatCount > 1 ? "\(c.id) (run \(iteration))" : c.id
+        }
+        return log
+    }
+
     private func handle(_ m: WorkerMessage, from slot: Slot) {
         if let p = m.probe { begin(p) }
         if let f = m.fatal { slot.fatal = f }
-        if let n = m.started { slot.running = (n, monotonicNs()) }
+        if let n = m.started {
+            slot.running = (n, monotonicNs(), m.kmsg)
+            for other in slots where other !== slot {
+                guard let o = other.running?.number else { continue }
+                overlaps[n, default: []].insert(o)
+                overlaps[o, default: []].insert(n)
+            }
+        }
         if let w = m.result {
             slot.running = nil
             slot.assigned.removeAll { $0 == w.number }
             slot.startedAny = true
             deathsInARow = 0
-            report(w.caseResult, number: w.number)
+            var r = w.caseResult
+            r.kernel = concurrent(r.kernel, number: w.number)
+            report(r, number: w.number)
         }
     }
 
@@ -178,8 +203,12 @@ final class Scheduler {
         fputs(note + "\n", stderr)
         if let r = slot.running {
             let (c, iteration) = supervisor.caseRun(r.number)
-            report(CaseResult(id: c.id, iteration: iteration, verdict: .error("the cowpin worker \(death) during this case\(hint)"),
-                              durationNs: monotonicNs() - r.since), number: r.number)
+            // What the kernel said since the case started (why it killed the
+            // worker, an oops in its system call): the worker cannot tell any more.
+            let log = r.kernelSeq.map { CaseKernelLog(KernelLogReader.records(from: $0)) }.flatMap { $0.isEmpty ? nil : $0 }
+            let verdict = Verdict.error("the cowpin worker \(death) during this case\(hint)").withKernelReports(log?.reports ?? [])
+            report(CaseResult(id: c.id, iteration: iteration, verdict: verdict, durationNs: monotonicNs() - r.since,
+                              kernel: concurrent(log, number: r.number)), number: r.number)
             slot.assigned.removeAll { $0 == r.number }
         }
         // What it was sent and had not started goes to the next worker.

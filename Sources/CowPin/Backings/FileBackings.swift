@@ -272,7 +272,4 @@ extension Backing {
     /// A file page in a MAP_PRIVATE mapping, read before any write: the
     /// pagecache page itself is mapped (R/O), not an anonymous copy.
     public static let memfdPrivate = file(.memfd, .privateRead)
-
-    /// Every file kind, MAP_PRIVATE and read (the pagecache page mapped).
-    public static let privateFiles: [Backing] = FileKind.all.map { file($0, .privateRead) }
 }

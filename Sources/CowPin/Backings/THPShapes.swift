@@ -62,15 +62,6 @@ extension Backing {
         }
     }
 
-    /// Every shape of every THP size, and the single PTE swapped out (as cow.c runs them).
-    public static let thpShapes: [Backing] = thpBases.flatMap { base in
-        THPShape.allCases.map { shaped(base, $0) } + [shaped(base, .singlePTE).swappedOut()]
-    }
-
-    /// What kselftest mm/cow.c runs its anonymous tests on, and more: every
-    /// anonymous backing (withMTHP), every THP shape and a KSM-merged page.
-    public static let cowMatrix: [Backing] = withMTHP + thpShapes + [ksmPage]
-
     /// Skips unless the first page of `r` is still part of a THP (kpageflags, root only).
     static func requireStillTHP(_ r: Region, what: String) throws {
         guard let isTHP = PageInfo.isTHP(address: r.base) else {

@@ -26,6 +26,7 @@ public final class KTAPReporter: Reporter {
     public func finished(_ r: CaseResult, number: Int) {
         let name = repeatCount > 1 ? "\(r.id) (run \(r.iteration) of \(repeatCount))" : r.id
         for line in r.verdict.evidence.map(EvidenceText.lines) ?? r.notes { write("# \(line)") }
+        for line in r.kernel?.text ?? [] { write("# \(line)") }
         if let p = r.policy { write("# policy: \(p)") }
         if timing {
             let split = r.phases.map { " (memory \(formatMs($0.memoryNs)), scenario \(formatMs($0.scenarioNs)), cleanup \(formatMs($0.cleanupNs)))" } ?? ""
@@ -35,7 +36,9 @@ public final class KTAPReporter: Reporter {
     }
 
     public func end(_ t: Totals) {
-        write("# Totals: pass:\(t.coherent) fail:\(t.decoherent) xfail:\(t.xfail) xpass:\(t.xpass) skip:\(t.skip) error:\(t.error)")
+        // kselftest's fields; a kernel warning is counted apart, after them.
+        write("# Totals: pass:\(t.coherent) fail:\(t.decoherent) xfail:\(t.xfail) xpass:\(t.xpass) skip:\(t.skip) error:\(t.error)"
+              + (t.kernelWarning > 0 ? " kernel-warning:\(t.kernelWarning)" : ""))
     }
 
     /// The KTAP result line of one case.
@@ -48,6 +51,7 @@ public final class KTAPReporter: Reporter {
         case .xfail(let reason, let ref, _): return "ok \(number) \(name) # XFAIL \(clean(reason)) [\(clean(ref))]"
         case .xpass(let reason, let ref): return "ok \(number) \(name) # XPASS \(clean(reason)) [\(clean(ref))]"
         case .error(let m): return "not ok \(number) \(name) # ERROR \(clean(m))"
+        case .kernelWarning(let m, _): return "not ok \(number) \(name) # KERNEL-WARNING \(clean(m))"
         }
     }
 }

@@ -8,7 +8,7 @@ import Foundation
 /// One JSON document at the end of the run: kernel, results with evidence, totals.
 public final class JSONReporter: Reporter {
     /// The version of the result format (`--format json` and `jsonl`).
-    public static let schema = 2
+    public static let schema = 3
 
     public struct Document: Codable, Equatable {
         public var schema: Int?
@@ -61,10 +61,13 @@ public final class JSONReporter: Reporter {
         public var notes: [String]?
         /// A policy fact the case observed (a pin taken or refused).
         public var policy: PolicyObservation?
+        /// What the kernel said while the case ran, and its reports.
+        public var kernel: CaseKernelLog?
 
         public init(id: String, iteration: Int, verdict: Verdict.Kind, reason: String?, evidence: Evidence?, durationMs: Double,
-                    notes: [String]? = nil, policy: PolicyObservation? = nil) {
+                    notes: [String]? = nil, policy: PolicyObservation? = nil, kernel: CaseKernelLog? = nil) {
             self.policy = policy
+            self.kernel = kernel
             self.id = id
             self.iteration = iteration
             self.verdict = verdict
@@ -110,7 +113,7 @@ extension JSONReporter.Result {
     public init(_ r: CaseResult) {
         self.init(id: r.id, iteration: r.iteration, verdict: r.verdict.kind, reason: r.verdict.reason,
                   evidence: r.verdict.evidence, durationMs: Double(r.durationNs) / 1e6,
-                  notes: r.notes.isEmpty ? nil : r.notes, policy: r.policy)
+                  notes: r.notes.isEmpty ? nil : r.notes, policy: r.policy, kernel: r.kernel)
     }
 }
 

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -32,6 +33,31 @@ void *cp_mmap_fd(size_t len, int prot, int shared, int fd, int64_t offset, int *
 int cp_munmap(void *addr, size_t len) { return munmap(addr, len) ? -errno : 0; }
 int cp_mprotect(void *addr, size_t len, int prot) { return mprotect(addr, len, prot) ? -errno : 0; }
 int cp_madvise(void *addr, size_t len, int advice) { return madvise(addr, len, advice) ? -errno : 0; }
+
+/* MADV_PAGEOUT drains only the calling CPU's batch of new pages
+ * (lru_add_drain() in madvise_pageout()), and reclaim skips a page that is
+ * still in another CPU's batch: it is not on the LRU yet. Advising once on
+ * each CPU this thread may run on drains every batch; the thread's CPU mask
+ * is restored after. */
+int cp_pageout_on_each_cpu(void *addr, size_t len)
+{
+    cpu_set_t saved, one;
+    int r = 0;
+    if (sched_getaffinity(0, sizeof saved, &saved))
+        return -errno;
+    for (int cpu = 0; cpu < CPU_SETSIZE && !r; cpu++) {
+        if (!CPU_ISSET(cpu, &saved))
+            continue;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        if (sched_setaffinity(0, sizeof one, &one))
+            continue; /* offline since: its batch was drained when it went */
+        if (madvise(addr, len, MADV_PAGEOUT))
+            r = -errno;
+    }
+    sched_setaffinity(0, sizeof saved, &saved);
+    return r;
+}
 
 /* The PAGEMAP_SCAN ABI (include/uapi/linux/fs.h, 6.7); older system headers lack it. */
 struct cp_pm_scan_arg {

@@ -64,8 +64,9 @@ struct BackingTests {
     func pageoutWorks() throws {
         let v = verdict(.anonPage) { ctx in
             try SystemState.shared.ensureSwap()
-            try ctx.region.madvise(Int32(CP_MADV_PAGEOUT), name: "MADV_PAGEOUT")
-            guard PageInfo.entry(address: ctx.region.base)?.swapped == true else { throw HarnessError("still mapped after MADV_PAGEOUT") }
+            let out = { PageInfo.entry(address: ctx.region.base)?.swapped == true }
+            try ctx.region.pageOut(until: out)
+            guard out() else { throw HarnessError("still mapped after MADV_PAGEOUT") }
         }
         if let v { #expect(v == .coherent, "\(v)") }
     }

@@ -31,6 +31,8 @@ void *cp_mmap_fd(size_t len, int prot, int shared, int fd, int64_t offset, int *
 int cp_munmap(void *addr, size_t len);
 int cp_mprotect(void *addr, size_t len, int prot);
 int cp_madvise(void *addr, size_t len, int advice);
+/* MADV_PAGEOUT once on each CPU the thread may run on (each CPU's batch of new pages drained). */
+int cp_pageout_on_each_cpu(void *addr, size_t len);
 /* Whether all of [addr, addr+len) is mapped by huge page table entries (a
  * PMD-mapped THP): 1 or 0, from the PAGEMAP_SCAN ioctl (PAGE_IS_HUGE, 6.7+);
  * -errno when the kernel has no PAGEMAP_SCAN (the caller reads smaps). */

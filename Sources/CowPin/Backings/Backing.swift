@@ -32,8 +32,9 @@ public struct Backing: Sendable {
                        needs: needs.merged(.swap)) { ctx in
             try SystemState.shared.ensureSwap()
             let r = try base.make(ctx)
-            try r.madvise(Int32(CP_MADV_PAGEOUT), name: "MADV_PAGEOUT")
-            for page in Set([0, r.pages - 1]) {
+            let ends = Set([0, r.pages - 1])
+            try r.pageOut { ends.allSatisfy { PageInfo.entry(address: r.address(ofPage: $0))?.swapped == true } }
+            for page in ends {
                 guard PageInfo.entry(address: r.address(ofPage: page))?.swapped == true else {
                     throw CaseSkip("MADV_PAGEOUT did not swap out page \(page) of \(base.summary)")
                 }

@@ -105,6 +105,16 @@ public final class Region {
         try check("madvise(\(name))", cp_madvise(base + r.lowerBound, r.count, advice))
     }
 
+    /// MADV_PAGEOUT of the region until `isOut` holds. A new page may still
+    /// sit in another CPU's batch, off the LRU, where reclaim skips it (the
+    /// advice drains the calling CPU's batch only): when the first advice
+    /// leaves it mapped, the advice is given again on each CPU in turn.
+    public func pageOut(until isOut: () -> Bool) throws {
+        try madvise(Int32(CP_MADV_PAGEOUT), name: "MADV_PAGEOUT")
+        if isOut() { return }
+        try check("madvise(MADV_PAGEOUT) on each CPU", cp_pageout_on_each_cpu(base, size))
+    }
+
     public func mprotect(_ prot: Int32, range: Range<Int>? = nil) throws {
         let r = range ?? 0..<size
         let name = prot == Int32(CP_PROT_READ) ? "PROT_READ" : prot == Int32(CP_PROT_READ_WRITE) ? "PROT_READ|PROT_WRITE" : "\(prot)"

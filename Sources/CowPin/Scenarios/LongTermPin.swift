@@ -169,7 +169,8 @@ public enum LongTermPinCases {
             tags: ["swap", "reclaim"], backings: unswapped.filter { !$0.tags.contains("hugetlb") }, needs: .swap) { ctx, region, session in
             try SystemState.shared.ensureSwap()
             let p = try session.pin()
-            try region.madvise(Int32(CP_MADV_PAGEOUT), name: "MADV_PAGEOUT")
+            // Given on each CPU in turn unless the page went at once: reclaim gets every chance.
+            try region.pageOut { PageInfo.entry(address: region.base)?.swapped == true }
             ctx.notePages("after MADV_PAGEOUT")
             let swapped = PageInfo.entry(address: region.base)?.swapped == true
             ctx.note("after MADV_PAGEOUT the first page is \(swapped ? "in swap: the process no longer maps the pinned page" : "still mapped")")

@@ -89,6 +89,14 @@ struct LabTests {
     func lavaRunValidates() throws {
         guard access("/usr/bin/lava-run", X_OK) == 0 else { recordSkip("lava-run is not installed (Debian: lava-dispatcher)"); return }
         guard geteuid() == 0 else { recordSkip("lava-run runs as root only"); return }
+        // lava-run keeps its job state under /var/lib/lava/dispatcher; in a VM
+        // guest that sees the host's files read-only it cannot run.
+        let candidates: [String] = ["/var/lib/lava/dispatcher", "/var/lib/lava", "/var/lib"]
+        let state = candidates.first { access($0, F_OK) == 0 } ?? "/var/lib"
+        guard access(state, W_OK) == 0 else {
+            recordSkip("lava-run keeps its job state under /var/lib/lava/dispatcher, and \(state) is not writable here: \(String(cString: strerror(errno)))")
+            return
+        }
         let dir = try Self.tempDir()
         let job = "cowpin-validate-\(getpid())"
         // lava-run keeps a directory per job id, even for --validate.

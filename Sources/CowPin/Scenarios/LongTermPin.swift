@@ -170,9 +170,10 @@ public enum LongTermPinCases {
             try SystemState.shared.ensureSwap()
             let p = try session.pin()
             // Given on each CPU in turn unless the page went at once: reclaim gets every chance.
-            try region.pageOut { PageInfo.entry(address: region.base)?.swapped == true }
+            let firstPageOut = { PageInfo.entry(address: region.base)?.swapped == true }
+            try region.pageOut(until: firstPageOut)
             ctx.notePages("after MADV_PAGEOUT")
-            let swapped = PageInfo.entry(address: region.base)?.swapped == true
+            let swapped = firstPageOut()
             ctx.note("after MADV_PAGEOUT the first page is \(swapped ? "in swap: the process no longer maps the pinned page" : "still mapped")")
             ctx.parentWrites()
             ctx.notePages("after the write")
